@@ -1,0 +1,29 @@
+"""drift: how much do a transformer's layers differ in weight space, once its gauge
+symmetries are removed?
+
+``import drift`` is cheap: it does not import seaborn, ipywidgets or transformers.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .errors import (CheckpointError, DriftError, LayerIndexError, MissingTensorError,
+                     ModelNotFoundError, UnsupportedArchitectureError)
+from .checkpoint import Checkpoint, resolve_model
+from .canonical import CanonicalLayer, LayerReader, LayerSymmetry, open_layers
+from .result import AnalysisResult
+
+__all__ = [
+    "__version__", "DriftError", "CheckpointError", "LayerIndexError", "MissingTensorError",
+    "ModelNotFoundError", "UnsupportedArchitectureError", "Checkpoint", "resolve_model",
+    "CanonicalLayer", "LayerReader", "LayerSymmetry", "open_layers", "AnalysisResult",
+    "analyze",
+]
+
+
+def analyze(*args, **kwargs):
+    """See :func:`drift.analysis.analyze`."""
+    from .analysis import analyze as _analyze
+
+    return _analyze(*args, **kwargs)

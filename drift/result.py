@@ -1,0 +1,132 @@
+"""The result of an analysis: a tidy table plus the metadata that says what the numbers are.
+
+Every row is one (family, layer pair)::
+
+    family     canonical family name (``q_proj`` ... ``down_proj``, ``input_ln`` ..., ``qk_circuit``)
+    layer_a, layer_b
+    residual   Frobenius distance after alignment, both sides normalised to unit norm
+               (0 = identical up to the removed gauge; sqrt(2) = orthogonal, nothing fitted)
+    null       the same method's residual against a structure-preserving unrelated partner
+               (layer_b with its residual stream randomly rotated; gauge-spec §5)
+    rho        residual / null: ~0 identical up to gauge, ~1 as different as unrelated weights
+    invariant  True when the family's number is invariant under the model's exact symmetries
+               (False for raw norm-gain vectors and for every family under ``rotation``)
+    kind       "weight" | "circuit" | "norm"
+
+Results are data; :mod:`drift.plots` only draws them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+COLUMNS = ["family", "layer_a", "layer_b", "residual", "null", "rho", "invariant", "kind"]
+
+
+@dataclass
+class AnalysisResult:
+    """A tidy DataFrame of per-family, per-pair drift and the run's metadata."""
+
+    df: pd.DataFrame
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        missing = [c for c in COLUMNS if c not in self.df.columns]
+        if missing:
+            raise ValueError(f"result table lacks columns {missing}")
+
+    # ------------------------------------------------------------------ views
+    @property
+    def method(self) -> str:
+        return self.meta.get("method", "?")
+
+    @property
+    def families(self) -> list[str]:
+        """Families in first-seen order."""
+        return list(dict.fromkeys(self.df["family"]))
+
+    @property
+    def pairs(self) -> list[tuple[int, int]]:
+        """Layer pairs in analysis order."""
+        p = self.df[["layer_a", "layer_b"]].drop_duplicates()
+        return [(int(a), int(b)) for a, b in p.itertuples(index=False)]
+
+    def consecutive(self) -> "AnalysisResult":
+        """Only the rows with layer_b == layer_a + 1."""
+        df = self.df[self.df["layer_b"] == self.df["layer_a"] + 1].reset_index(drop=True)
+        return AnalysisResult(df, dict(self.meta))
+
+    def summary(self, by: str = "residual") -> pd.DataFrame:
+        """Per-family mean/min/max/std/n of ``by`` (and mean null, mean rho), ranked by mean
+        ``by``, least to most variation (the reference script's table)."""
+        g = self.df.groupby("family", sort=False)
+        out = g[by].agg(["mean", "min", "max", "std", "count"]).rename(columns={"count": "n"})
+        out["std"] = g[by].agg(lambda v: float(np.std(v)))  # population std, as the reference
+        out["null_mean"] = g["null"].mean()
+        out["rho_mean"] = g["rho"].mean()
+        out["invariant"] = g["invariant"].all()
+        return out.sort_values("mean")
+
+    def matrix(self, family: str, value: str = "rho") -> pd.DataFrame:
+        """Layer x layer table of ``value`` for one family (symmetric; NaN where not computed)."""
+        d = self.df[self.df["family"] == family]
+        layers = sorted(set(d["layer_a"]) | set(d["layer_b"]))
+        m = pd.DataFrame(np.nan, index=layers, columns=layers)
+        for a, b, v in d[["layer_a", "layer_b", value]].itertuples(index=False):
+            m.loc[a, b] = v
+            m.loc[b, a] = v
+        for L in layers:
+            m.loc[L, L] = 0.0
+        return m
+
+    # ------------------------------------------------------------------ JSON
+    def to_json_dict(self) -> dict[str, Any]:
+        """The reference script's keys (``model``, ``block_start``, ``block_end``,
+        ``family_residuals``: family -> list over pairs in pair order) plus ``null_residuals``,
+        ``normalized`` (rho, same layout), ``pairs_list``, ``rows`` and the metadata."""
+        fams = self.families
+        pairs = self.pairs
+
+        def layout(col: str) -> dict[str, list[float | None]]:
+            out = {}
+            for fam in fams:
+                d = self.df[self.df["family"] == fam].set_index(["layer_a", "layer_b"])[col]
+                out[fam] = [None if (p not in d.index or pd.isna(d[p])) else float(d[p]) for p in pairs]
+            return out
+
+        layers = self.meta.get("layers") or sorted({x for p in pairs for x in p})
+        return {
+            "model": self.meta.get("model"),
+            "block_start": int(min(layers)) if layers else None,
+            "block_end": int(max(layers)) if layers else None,
+            "family_residuals": layout("residual"),
+            "null_residuals": layout("null"),
+            "normalized": layout("rho"),
+            "pairs_list": [list(p) for p in pairs],
+            "invariant": {f: bool(self.df[self.df["family"] == f]["invariant"].all()) for f in fams},
+            "rows": json.loads(self.df[COLUMNS].to_json(orient="records")),
+            **{k: v for k, v in self.meta.items() if k not in ("model",)},
+        }
+
+    def to_json(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps(self.to_json_dict(), indent=2))
+        return path
+
+    @classmethod
+    def from_json_dict(cls, d: dict[str, Any]) -> "AnalysisResult":
+        df = pd.DataFrame.from_records(d["rows"], columns=COLUMNS)
+        skip = {"family_residuals", "null_residuals", "normalized", "pairs_list", "invariant", "rows",
+                "block_start", "block_end"}
+        meta = {k: v for k, v in d.items() if k not in skip}
+        return cls(df, meta)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "AnalysisResult":
+        return cls.from_json_dict(json.loads(Path(path).read_text()))
