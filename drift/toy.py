@@ -9,6 +9,7 @@ Imports transformers' model classes on call, never at ``import drift``.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -79,9 +80,11 @@ def _owner_type(model: torch.nn.Module, pname: str) -> str:
 
 
 def save(model, folder: str | Path, shard_size: str | None = None, dtype: torch.dtype | None = None) -> Path:
-    """``save_pretrained`` to ``folder`` (safetensors; sharded when ``shard_size`` is given)."""
+    """``save_pretrained`` to ``folder`` (safetensors; sharded when ``shard_size`` is given),
+    cast to ``dtype`` if given (``model`` itself is left unchanged)."""
     folder = Path(folder)
-    m = model if dtype is None else model.to(dtype)
+    # nn.Module.to() converts in place: cast a copy, never the caller's model.
+    m = model if dtype is None else copy.deepcopy(model).to(dtype)
     kw = {"max_shard_size": shard_size} if shard_size else {}
     m.save_pretrained(folder, safe_serialization=True, **kw)
     return folder
@@ -97,3 +100,33 @@ def outputs(model, input_ids: torch.Tensor) -> torch.Tensor:
 def probe_ids(vocab: int = 97, batch: int = 3, length: int = 12, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, vocab, (batch, length), generator=g)
+
+
+@torch.no_grad()
+def planted_checkpoint(name: str, folder: str | Path, seed: int = 0, noise: float = 0.0,
+                       dtype: torch.dtype = torch.float64, **overrides: Any):
+    """Save a tiny model whose layer k+1 is a random *exact* gauge transform of layer k
+    (plus optional relative Gaussian ``noise``), so that every consecutive pair is identical
+    up to gauge. Returns (folder, model, records): records[k] is the GaugeRecord that maps
+    layer k to layer k+1."""
+    from .canonical import LayerReader, layer_state_dict
+    from .checkpoint import Checkpoint
+    from .gauge import random_gauge
+
+    model = tiny_model(name, seed=seed, dtype=dtype, **overrides)
+    folder = save(model, folder)
+    reader = LayerReader(Checkpoint.open(folder), dtype)
+    gen = torch.Generator().manual_seed(seed + 1)
+    layer = reader.read(0)
+    records = []
+    for k in range(1, reader.n_layers):
+        layer, rec = random_gauge(layer, gen)
+        layer.index = k
+        if noise:
+            layer = layer.map(lambda t: t + noise * t.std() * torch.randn(t.shape, generator=gen, dtype=t.dtype))
+        records.append(rec)
+        sd = layer_state_dict(layer, reader)
+        model.load_state_dict(sd, strict=False)
+    reader.ckpt.close()
+    save(model, folder)
+    return folder, model, records

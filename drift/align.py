@@ -1,0 +1,150 @@
+"""Alignment primitives: small pure functions over a group, in torch.
+
+Conventions. Every aligner moves layer *A* onto layer *B* (B is held fixed). A group element
+acts on the **left** of a matrix whose rows are the gauge index (a head's d_head rows, an MLP
+unit); a matrix that transforms as ``W Rᵀ`` (``W_O``, ``W_down``) enters transposed.
+All residuals are plain Frobenius norms of the difference; callers normalise first.
+
+See gauge-spec §4 for the derivations.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+Tensor = torch.Tensor
+
+
+def polar(M: Tensor) -> Tensor:
+    """Orthogonal polar factor ``U Vᵀ`` of ``M = U S Vᵀ``: the R ∈ O(n) maximising tr(Rᵀ M).
+
+    Batched over leading axes. Not unique when M is rank-deficient; the part that is fixed
+    (R on the row space of Mᵀ) is what every residual below depends on.
+    """
+    U, _, Vh = torch.linalg.svd(M, full_matrices=False)
+    return U @ Vh
+
+
+def procrustes(As: Sequence[Tensor], Bs: Sequence[Tensor]) -> Tensor:
+    """Joint left orthogonal Procrustes.
+
+    Minimises ``Σ_j ‖R A_j − B_j‖_F`` subject to ``RᵀR = I``, where every ``A_j, B_j`` is
+    (..., n, p_j) and R is (..., n, n). The solution is ``R = polar(Σ_j B_j A_jᵀ)``.
+
+    Note the orientation: the cross-covariance is ``B Aᵀ``. The reference script built
+    ``A Bᵀ`` and so returned ``R0ᵀ`` on a planted rotation ``B = R0 A`` (gauge-spec §4.1).
+    scipy's ``orthogonal_procrustes(A, B)`` solves the *right* action ``‖A Ω − B‖``; the left
+    action here equals ``orthogonal_procrustes(A.T, B.T)[0].T``.
+    """
+    M = sum(B @ A.transpose(-1, -2) for A, B in zip(As, Bs))  # (..., n, n)
+    return polar(M)
+
+
+def procrustes_thin(As: Sequence[Tensor], Bs: Sequence[Tensor]) -> list[Tensor]:
+    """``[R A_j]`` for the joint left Procrustes R, without forming the n×n matrix R.
+
+    For n larger than the stacked width p = Σ p_j (an O(d_ff) rotation of MLP units with
+    p = 3·d_model) use thin QR: ``Ā = Q_a R_a``, ``B̄ = Q_b R_b``, so
+    ``Σ B_j A_jᵀ = Q_b (R_b R_aᵀ) Q_aᵀ`` and only a p×p SVD is needed. R is fixed on the span
+    of ``Q_a``, which is all that ``R A_j`` sees.
+    """
+    A = torch.cat(list(As), dim=-1)  # (n, p)
+    B = torch.cat(list(Bs), dim=-1)
+    n, p = A.shape[-2:]
+    if p >= n:
+        R = procrustes(As, Bs)
+        return [R @ a for a in As]
+    Qa, Ra = torch.linalg.qr(A)  # (n, p), (p, p)
+    Qb, Rb = torch.linalg.qr(B)
+    small = polar(Rb @ Ra.transpose(-1, -2))  # (p, p)
+    return [Qb @ (small @ (Qa.transpose(-1, -2) @ a)) for a in As]
+
+
+def balance_gl(A: Tensor, B: Tensor, eps: float = 1e-12) -> tuple[Tensor, Tensor]:
+    """Balanced canonical factors of a GL(d) gauge pair.
+
+    ``A`` (d, p) transforms as ``A ← M A`` and ``B`` (d, q) as ``B ← M⁻ᵀ B`` for any
+    M ∈ GL(d): the product ``Aᵀ B`` (p, q) is the invariant. Returns ``(A_bal, B_bal)`` with
+    ``A_balᵀ B_bal = Aᵀ B`` and ``A_bal A_balᵀ = B_bal B_balᵀ = S`` (diagonal, the singular
+    values of ``AᵀB``). Two inputs related by a GL gauge give outputs related by an O(d)
+    rotation only (gauge-spec §4.4b). Cost: two thin QRs and one d×d SVD.
+    Used for VO (A = V_g, B = stacked ``O_hᵀ``) and for QK without RoPE (A = stacked Q_h,
+    B = K_g).
+    """
+    Qa, Ra = torch.linalg.qr(A.transpose(-1, -2))  # (p, d), (d, d)
+    Qb, Rb = torch.linalg.qr(B.transpose(-1, -2))  # (q, d), (d, d)
+    u, s, vh = torch.linalg.svd(Ra @ Rb.transpose(-1, -2))  # (d, d)
+    root = s.clamp_min(eps).sqrt()
+    A_bal = root[..., :, None] * (Qa @ u).transpose(-1, -2)  # (d, p)
+    B_bal = root[..., :, None] * (vh @ Qb.transpose(-1, -2))  # (d, q)
+    return A_bal, B_bal
+
+
+def product_dist2(A_a: Tensor, B_a: Tensor, A_b: Tensor, B_b: Tensor) -> Tensor:
+    """``‖A_aᵀB_a − A_bᵀB_b‖²_F`` from d×d Gram traces (gauge-spec §4.4a), batched.
+
+    A (..., d, p), B (..., d, q). Cost O((p + q) d²) instead of O(p q d).
+    """
+    def tr(X: Tensor, Y: Tensor) -> Tensor:  # tr(X Y) for (..., d, d)
+        return (X * Y.transpose(-1, -2)).sum((-1, -2))
+
+    t = lambda X: X.transpose(-1, -2)  # noqa: E731
+    aa = tr(A_a @ t(A_a), B_a @ t(B_a))
+    bb = tr(A_b @ t(A_b), B_b @ t(B_b))
+    ab = tr(A_a @ t(A_b), B_b @ t(B_a))
+    return (aa + bb - 2 * ab).clamp_min(0)
+
+
+def lap(cost: np.ndarray | Tensor, maximize: bool = False) -> np.ndarray:
+    """``col[i]``: the column assigned to row i by ``scipy.optimize.linear_sum_assignment``."""
+    from scipy.optimize import linear_sum_assignment
+
+    c = cost.detach().cpu().double().numpy() if isinstance(cost, Tensor) else np.asarray(cost, float)
+    rows, cols = linear_sum_assignment(c, maximize=maximize)
+    out = np.empty(c.shape[0], dtype=np.int64)
+    out[rows] = cols
+    return out
+
+
+def match_heads(cost: Tensor, n_kv: int) -> np.ndarray:
+    """Head assignment respecting GQA groups (the wreath product S_r ≀ S_{n_kv}).
+
+    ``cost[h_a, h_b]`` (n_heads, n_heads) is a gauge-invariant distance. Returns ``perm`` with
+    ``perm[h_b] = h_a``: the head of A matched to head ``h_b`` of B. Two levels, exact because a
+    group pair's cost is the sum of its matched head costs (gauge-spec §4.5): an r×r LAP per
+    group pair, then an n_kv×n_kv LAP on the optimal inner costs.
+    """
+    nh = cost.shape[0]
+    r = nh // n_kv
+    c = cost.detach().cpu().double().numpy().reshape(n_kv, r, n_kv, r)  # (g_a, i_a, g_b, i_b)
+    inner = np.zeros((n_kv, n_kv))
+    inner_perm: dict[tuple[int, int], np.ndarray] = {}
+    for ga in range(n_kv):
+        for gb in range(n_kv):
+            block = c[ga, :, gb, :]  # (i_a, i_b)
+            col = lap(block.T)  # for each i_b, the i_a
+            inner_perm[ga, gb] = col
+            inner[ga, gb] = block[col, np.arange(r)].sum()
+    group_of_b = lap(inner.T)  # for each g_b, the g_a
+    perm = np.empty(nh, dtype=np.int64)
+    for gb in range(n_kv):
+        ga = group_of_b[gb]
+        perm[gb * r:(gb + 1) * r] = ga * r + inner_perm[ga, gb]
+    return perm
+
+
+def group_perm(head_perm: np.ndarray, n_heads: int, n_kv: int) -> np.ndarray:
+    """The KV-group permutation implied by a GQA-respecting head permutation."""
+    r = n_heads // n_kv
+    return np.asarray(head_perm).reshape(n_kv, r)[:, 0] // r
+
+
+def random_orthogonal(n: int, generator: torch.Generator, dtype=torch.float64) -> Tensor:
+    """A Haar-random element of O(n) (QR of a Gaussian, signs fixed by diag(R))."""
+    X = torch.randn(n, n, generator=generator, dtype=torch.float64)
+    Q, R = torch.linalg.qr(X)
+    Q = Q * torch.sign(torch.diagonal(R))[None, :]
+    return Q.to(dtype)

@@ -1,0 +1,152 @@
+"""``drift.analyze``: per-family drift between layer pairs, with a null and rho."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from typing import Iterable, Sequence
+
+import pandas as pd
+import torch
+
+from . import __version__
+from .align import random_orthogonal
+from .canonical import LayerReader, open_layers
+from .errors import DriftError, LayerIndexError
+from .methods import METHOD_FNS, METHODS, family_invariant, family_kind
+from .result import AnalysisResult
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.float64, "fp64": torch.float64}
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` picks CUDA when available, else CPU."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DriftError("--device cuda requested but no CUDA device is available")
+    return dev
+
+
+def layer_pairs(layers: Sequence[int], pairs: str) -> list[tuple[int, int]]:
+    """``consecutive``: (L_k, L_{k+1}) along ``layers``; ``all``: every i < j."""
+    if pairs == "consecutive":
+        return list(zip(layers[:-1], layers[1:]))
+    if pairs == "all":
+        return list(itertools.combinations(layers, 2))
+    raise DriftError(f"pairs must be 'consecutive' or 'all', not {pairs!r}")
+
+
+def analyze(model: str | LayerReader, layers: Iterable[int] | None = None, pairs: str = "consecutive",
+            method: str = "exact", seed: int = 0, n_null: int = 1, dtype: str | torch.dtype = "float32",
+            device: str | torch.device = "auto", progress: bool = True) -> AnalysisResult:
+    """Drift between pairs of layers of ``model``, per weight family.
+
+    Args:
+        model: a local checkpoint folder, a repo id in the local HF cache, ``"minilm"``, or an
+            open :class:`LayerReader`.
+        layers: the layers to compare (default: all). Pairs are formed along this order.
+        pairs: ``"consecutive"`` (the reference script's view) or ``"all"`` (for heatmaps).
+        method: ``"exact"`` (remove exactly the model's symmetry group; default),
+            ``"rotation"`` (the reference's per-head O(d_head) and O(d_ff) rotations, orientation
+            corrected; approximate, not a symmetry) or ``"raw"`` (no alignment).
+        seed: seed of the null's random residual rotations (results are reproducible).
+        n_null: null draws averaged per pair.
+        dtype: ``float32`` (default) or ``float64`` for all arithmetic.
+        device: ``auto`` | ``cpu`` | ``cuda``.
+        progress: show a tqdm bar over pairs.
+
+    Returns:
+        An :class:`AnalysisResult`: one row per (family, pair) with ``residual`` (unit-normalised
+        Frobenius distance after alignment), ``null`` (the same method against layer_b with its
+        residual stream randomly rotated, or its gain entries shuffled), ``rho = residual / null``.
+
+    Raises:
+        DriftError: bad method/pairs/device, a layer out of range, fewer than two layers,
+            or any checkpoint problem (see :mod:`drift.errors`).
+    """
+    if method not in METHODS:
+        raise DriftError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
+    if n_null < 1:
+        raise DriftError("n_null must be at least 1")
+    reader = model if isinstance(model, LayerReader) else None
+    tdtype = DTYPES.get(str(dtype).replace("torch.", ""), None) if not isinstance(dtype, torch.dtype) else dtype
+    if tdtype is None:
+        raise DriftError(f"dtype must be float32 or float64, not {dtype!r}")
+    if reader is None:
+        reader = open_layers(str(model), tdtype)
+    dev = resolve_device(device)
+    layers = list(range(reader.n_layers)) if layers is None else [int(x) for x in layers]
+    for L in layers:
+        if not 0 <= L < reader.n_layers:
+            raise LayerIndexError(f"layer {L} is out of range: the model has {reader.n_layers} layers "
+                                  f"(0..{reader.n_layers - 1})")
+    if len(layers) < 2:
+        raise DriftError(f"need at least two layers to compare, got {layers}")
+    plist = layer_pairs(layers, pairs)
+    form_fn, compare_fn = METHOD_FNS[method]
+
+    forms: dict[int, object] = {}
+    last_use = {L: max(k for k, p in enumerate(plist) if L in p) for L in layers}
+
+    def form(L: int):
+        if L not in forms:
+            layer = reader.read(L).map(lambda t: t.to(device=dev, dtype=tdtype))
+            forms[L] = form_fn(layer)
+        return forms[L]
+
+    gen = torch.Generator().manual_seed(int(seed))
+    rows = []
+    from tqdm.auto import tqdm
+
+    bar = tqdm(plist, desc=f"drift {method}", unit="pair", disable=not progress, leave=False)
+    for k, (a, b) in enumerate(bar):
+        fa, fb = form(a), form(b)
+        obs = compare_fn(fa, fb)
+        nulls: dict[str, float] = {f: 0.0 for f in obs}
+        for _ in range(n_null):
+            R = random_orthogonal(fb.H, gen, tdtype).to(dev)
+            fn = fb.rotate_residual(R).shuffle_gains(gen)
+            for f, v in compare_fn(fa, fn).items():
+                nulls[f] += v / n_null
+        for f, v in obs.items():
+            null = nulls[f]
+            rows.append(dict(family=f, layer_a=a, layer_b=b, residual=v, null=null,
+                             rho=v / null if null > 0 else float("nan"),
+                             invariant=family_invariant(method, fa.sym, f), kind=family_kind(f)))
+        for L in (a, b):  # stream: drop forms no later pair needs
+            if last_use[L] == k:
+                forms.pop(L, None)
+    reader.ckpt.close()
+    df = pd.DataFrame(rows)
+    order = _family_order(list(dict.fromkeys(df["family"])))
+    df["family"] = pd.Categorical(df["family"], categories=order, ordered=True)
+    df = df.sort_values(["family", "layer_a", "layer_b"], kind="stable").reset_index(drop=True)
+    df["family"] = df["family"].astype(str)
+    s = reader.sym
+    meta = dict(
+        model=str(model if not isinstance(model, LayerReader) else reader.ckpt.name),
+        architecture=s.arch, method=method, pairs=pairs, layers=layers, seed=int(seed), n_null=n_null,
+        dtype=str(tdtype).replace("torch.", ""), device=str(dev), drift_version=__version__,
+        approximate=method != "exact",
+        config=dict(n_layers=reader.n_layers, d_model=s.d_model, n_heads=s.n_heads,
+                    n_kv_heads=s.n_kv_heads, d_head=s.d_head, d_ff=s.d_ff, rope=s.rope,
+                    rotary_dims=s.rotary_dims, qk_norm=s.qk_norm, mlp=s.mlp_kind, norm=s.norm_kind),
+        residual="Frobenius distance after alignment, each family unit-normalised per layer",
+        null=("same method against layer_b with its residual stream randomly rotated "
+              "(gain vectors: entries shuffled); mean over n_null draws"),
+        rho="residual / null (0: identical up to the removed gauge; 1: as different as unrelated)",
+    )
+    return AnalysisResult(df, meta)
+
+
+_ORDER = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+          "qk_circuit", "ov_circuit", "input_ln", "post_attn_ln", "attn_out_ln", "mlp_out_ln",
+          "q_norm", "k_norm"]
+
+
+def _family_order(families: list[str]) -> list[str]:
+    return [f for f in _ORDER if f in families] + [f for f in families if f not in _ORDER]
