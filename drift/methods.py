@@ -235,54 +235,80 @@ def _norm_gains(layer: CanonicalLayer, exact: bool) -> tuple[dict[str, Tensor], 
     return gains, pair_gains
 
 
-def _qk_form_cost(fa: Form, fb: Form) -> Tensor:
+def _pairwise(spec: str, x: Tensor, y: Tensor, diag: bool) -> Tensor:
+    """einsum over every head pair (a, b), or over matched heads only (a == b) when ``diag``."""
+    if diag:
+        lhs, rest = spec.split("->")
+        x_s, y_s = lhs.split(",")
+        spec = f"{x_s},{y_s.replace('b', 'a')}->{rest.replace('b', '')}"
+    return torch.einsum(spec, x, y)
+
+
+def _normalised_dist2(na: Tensor, nb: Tensor, cross: Tensor, diag: bool) -> Tensor:
+    Na, Nb = na.sum().clamp_min(EPS), nb.sum().clamp_min(EPS)
+    if diag:
+        return (na / Na + nb / Nb - 2 * cross / torch.sqrt(Na * Nb)).clamp_min(0)
+    return (na[:, None] / Na + nb[None, :] / Nb - 2 * cross / torch.sqrt(Na * Nb)).clamp_min(0)
+
+
+def _qk_form_cost(fa: Form, fb: Form, diag: bool = False) -> Tensor:
     """Squared distance between the per-layer-normalised QK forms of every head pair
-    (n_heads_a, n_heads_b): per RoPE pair the rank-1 complex forms conj(zq) zkᵀ
-    (gauge-spec §4.2a), plus ‖Q_pᵀK_p‖ on non-rotary dims (§4.4a)."""
+    (n_heads_a, n_heads_b), or of head h of A and head h of B when ``diag``: per RoPE pair the
+    rank-1 complex forms conj(zq) zkᵀ (gauge-spec §4.2a), plus ‖Q_pᵀK_p‖ on non-rotary dims
+    (§4.4a). Gram traces only: O(n_heads² d_head² d_model), no d_model² matrices."""
     s = fa.sym
     r, rd = s.group_size, s.rotary_dims
     gidx = torch.arange(s.n_heads, device=fa.Q.device) // r
-    total = []
-    cross = 0
+    na = nb = cross = 0
     if rd:
         za, zb = _complex_pairs(fa.Q, s), _complex_pairs(fb.Q, s)  # (nh, m, P)
         ka, kb = _complex_pairs(fa.K, s)[gidx], _complex_pairs(fb.K, s)[gidx]  # (nh, m, P)
-        na = (za.abs() ** 2).sum(-1) * (ka.abs() ** 2).sum(-1)  # (nh, m): |form|²
-        nb = (zb.abs() ** 2).sum(-1) * (kb.abs() ** 2).sum(-1)
-        qq = torch.einsum("amp,bmp->abm", za, zb.conj())  # ⟨za, zb⟩
-        kk = torch.einsum("amp,bmp->abm", ka, kb.conj())  # ⟨ka, kb⟩
-        # Re(⟨zb,za⟩⟨ka,kb⟩) = Re(conj(⟨za,zb⟩)⟨ka,kb⟩)
-        cross = cross + (qq.conj() * kk).real.sum(-1)
-        total.append((na.sum(-1), nb.sum(-1)))
+        na = ((za.abs() ** 2).sum(-1) * (ka.abs() ** 2).sum(-1)).sum(-1)  # (nh,): Σ_i |form_i|²
+        nb = ((zb.abs() ** 2).sum(-1) * (kb.abs() ** 2).sum(-1)).sum(-1)
+        qq = _pairwise("amp,bmp->abm", za, zb.conj(), diag)  # ⟨za, zb⟩
+        kk = _pairwise("amp,bmp->abm", ka, kb.conj(), diag)  # ⟨ka, kb⟩
+        cross = (qq.conj() * kk).real.sum(-1)  # Re(⟨zb,za⟩⟨ka,kb⟩)
     if rd < s.d_head:
         Qa, Qb = fa.Q[:, rd:], fb.Q[:, rd:]  # (nh, dp, P)
         Ka, Kb = fa.K[gidx, rd:], fb.K[gidx, rd:]
         t = lambda X: X.transpose(-1, -2)  # noqa: E731
-        na = ((Qa @ t(Qa)) * (Ka @ t(Ka))).sum((-1, -2))  # tr(QQᵀ KKᵀ) (symmetric)
-        nb = ((Qb @ t(Qb)) * (Kb @ t(Kb))).sum((-1, -2))
-        QaQb = torch.einsum("aip,bjp->abij", Qa, Qb)  # (nh, nh, dp, dp)
-        KaKb = torch.einsum("aip,bjp->abij", Ka, Kb)
-        cross = cross + (QaQb * KaKb).sum((-1, -2))  # tr(QaQbᵀ (KaKbᵀ)ᵀ) = tr(QaQbᵀ KbKaᵀ)
-        total.append((na, nb))
-    na = sum(t[0] for t in total)
-    nb = sum(t[1] for t in total)
-    Na, Nb = na.sum().clamp_min(EPS), nb.sum().clamp_min(EPS)
-    return (na[:, None] / Na + nb[None, :] / Nb - 2 * cross / torch.sqrt(Na * Nb)).clamp_min(0)
+        na = na + ((Qa @ t(Qa)) * (Ka @ t(Ka))).sum((-1, -2))  # tr(QQᵀ KKᵀ), both symmetric
+        nb = nb + ((Qb @ t(Qb)) * (Kb @ t(Kb))).sum((-1, -2))
+        QaQb = _pairwise("aip,bjp->abij", Qa, Qb, diag)  # Qa Qbᵀ
+        KaKb = _pairwise("aip,bjp->abij", Ka, Kb, diag)
+        cross = cross + (QaQb * KaKb).sum((-1, -2))  # tr(Qa Qbᵀ Kb Kaᵀ)
+    return _normalised_dist2(na, nb, cross, diag)
 
 
-def _ov_cost(fa: Form, fb: Form) -> Tensor:
-    """Squared distance between per-layer-normalised OV products X_h = O_h V_g (gauge-spec §4.4a)."""
+def _ov_cost(fa: Form, fb: Form, diag: bool = False) -> Tensor:
+    """Squared distance between per-layer-normalised OV products X_h = O_h V_g (gauge-spec
+    §4.4a), for every head pair or (``diag``) for matched heads."""
     s = fa.sym
     gidx = torch.arange(s.n_heads, device=fa.O.device) // s.group_size
     Va, Vb = fa.V[gidx], fb.V[gidx]  # (nh, dh, P)
     t = lambda X: X.transpose(-1, -2)  # noqa: E731
     na = ((t(fa.O) @ fa.O) * (Va @ t(Va))).sum((-1, -2))
     nb = ((t(fb.O) @ fb.O) * (Vb @ t(Vb))).sum((-1, -2))
-    OaOb = torch.einsum("aki,bkj->abij", fa.O, fb.O)  # OaᵀOb (nh, nh, dh, dh)
-    VaVb = torch.einsum("aip,bjp->abij", Va, Vb)  # Va Vbᵀ
-    cross = (OaOb * VaVb).sum((-1, -2))  # tr(OaᵀOb Vb Vaᵀ)
-    Na, Nb = na.sum().clamp_min(EPS), nb.sum().clamp_min(EPS)
-    return (na[:, None] / Na + nb[None, :] / Nb - 2 * cross / torch.sqrt(Na * Nb)).clamp_min(0)
+    OaOb = _pairwise("aki,bkj->abij", fa.O, fb.O, diag)  # Oaᵀ Ob (.., dh, dh)
+    VaVb = _pairwise("aip,bjp->abij", Va, Vb, diag)  # Va Vbᵀ
+    cross = (OaOb * VaVb).sum((-1, -2))  # tr(Oaᵀ Ob Vb Vaᵀ)
+    return _normalised_dist2(na, nb, cross, diag)
+
+
+def _permuted(f: Form, perm: Tensor) -> Form:
+    """``f`` with query head h replaced by head perm[h] (and KV groups alike)."""
+    s = f.sym
+    gperm = perm.reshape(s.n_kv_heads, s.group_size)[:, 0] // s.group_size
+    return replace(f, Q=f.Q[perm], K=f.K[gperm], V=f.V[gperm], O=f.O[perm])
+
+
+def _circuit_residuals(fa: Form, fb: Form) -> dict[str, float]:
+    """Reported circuit distances for matched heads, in float64: the trace formulas subtract
+    nearly equal numbers, and in float32 a zero distance would read as ~3e-4."""
+    a = replace(fa, Q=fa.Q.double(), K=fa.K.double(), V=fa.V.double(), O=fa.O.double())
+    b = replace(fb, Q=fb.Q.double(), K=fb.K.double(), V=fb.V.double(), O=fb.O.double())
+    return {"qk_circuit": float(_qk_form_cost(a, b, diag=True).sum().sqrt()),
+            "ov_circuit": float(_ov_cost(a, b, diag=True).sum().sqrt())}
 
 
 def _fit_qk(Qa: Tensor, Ka: Tensor, fa: Form, fb: Form) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
@@ -344,18 +370,20 @@ def _mlp_match(fa: Form, fb: Form, glu: bool) -> tuple[np.ndarray, Tensor]:
     return sigma, sign
 
 
-def exact_compare(fa: Form, fb: Form) -> dict[str, float]:
-    """Per-family residuals of layer A aligned onto layer B under the exact group."""
+def exact_compare(fa: Form, fb: Form, details: dict | None = None) -> dict[str, float]:
+    """Per-family residuals of layer A aligned onto layer B under the exact group.
+
+    ``details``, if given, receives ``head_perm`` and ``mlp_perm`` (B's head/unit j is matched
+    to A's ``perm[j]``) and ``mlp_sign``.
+    """
     s = fa.sym
     qk = _qk_form_cost(fa, fb)
     ov = _ov_cost(fa, fb)
     perm = match_heads(qk + ov, s.n_kv_heads)  # perm[h_b] = h_a
-    p = torch.as_tensor(perm, device=qk.device)
-    hb = torch.arange(s.n_heads, device=qk.device)
-    gperm = p.reshape(s.n_kv_heads, s.group_size)[:, 0] // s.group_size
-    out = {"qk_circuit": float(qk[p, hb].sum().sqrt()), "ov_circuit": float(ov[p, hb].sum().sqrt())}
+    fa = _permuted(fa, torch.as_tensor(perm, device=qk.device))
+    out = _circuit_residuals(fa, fb)
 
-    Qa, Ka, Va, Oa = fa.Q[p], fa.K[gperm], fa.V[gperm], fa.O[p]
+    Qa, Ka, Va, Oa = fa.Q, fa.K, fa.V, fa.O
     Qa, Ka, gains = _fit_qk(Qa, Ka, fa, fb)
     # VO: O(d_head) per group on the balanced factors (V and the stacked Oᵀ)
     r = s.group_size
@@ -368,6 +396,8 @@ def exact_compare(fa: Form, fb: Form) -> dict[str, float]:
                v_proj=float((Va - fb.V).norm()), o_proj=float((Oa - fb.O).norm()))
 
     sigma, sign = _mlp_match(fa, fb, s.is_glu)
+    if details is not None:
+        details.update(head_perm=perm, mlp_perm=sigma, mlp_sign=sign.cpu().numpy())
     sg = torch.as_tensor(sigma, device=fa.U.device)
     if fa.G is not None:
         out["gate_proj"] = float((fa.G[sg] - fb.G).norm())
