@@ -226,12 +226,24 @@ class LayerReader:
     def _t(self, name: str) -> Tensor:
         return self.ckpt.get(name, self.dtype)
 
-    def _linear(self, module: str, bias: bool) -> tuple[Tensor, Tensor | None]:
-        """(W (out, in), b (out,) or None) for one module of the current layer."""
+    def _linear(self, module: str, bias: bool,
+                shape: tuple[int, int] | None = None) -> tuple[Tensor, Tensor | None]:
+        """(W (out, in), b (out,) or None) for one module of the current layer.
+
+        With ``shape``, the math-layout ``W`` must have that shape (checked here, before any
+        reshape, so that a config that disagrees with the weights is named, not a torch error).
+        """
         w = self._t(module + ".weight")
         if self.spec.linear == "conv1d":
             w = w.T.contiguous()
-        return w, (self._t(module + ".bias") if bias else None)
+        b = self._t(module + ".bias") if bias else None
+        if shape is not None and (tuple(w.shape) != shape or (b is not None and tuple(b.shape) != shape[:1])):
+            got = f"{tuple(w.shape)}" + (f" (bias {tuple(b.shape)})" if b is not None else "")
+            raise CheckpointError(
+                f"{module}: weight has shape {got} in (out, in) layout, expected {shape} from "
+                f"config.json ({self.spec.name}: n_heads={self.sym.n_heads}, "
+                f"n_kv_heads={self.sym.n_kv_heads}, d_head={self.sym.d_head}, d_model={self.sym.d_model})")
+        return w, b
 
     def norm_names(self, i: int, role: str) -> str:
         n = self.spec.norms[role]
@@ -255,11 +267,11 @@ class LayerReader:
         kw: dict[str, Any] = {}
 
         if spec.qkv_layout == "separate":
-            wq, bq = self._linear(p + spec.attn["q"], qkv_bias)
-            wk, bk = self._linear(p + spec.attn["k"], qkv_bias)
-            wv, bv = self._linear(p + spec.attn["v"], qkv_bias)
+            wq, bq = self._linear(p + spec.attn["q"], qkv_bias, (nh * dh, H))
+            wk, bk = self._linear(p + spec.attn["k"], qkv_bias, (nkv * dh, H))
+            wv, bv = self._linear(p + spec.attn["v"], qkv_bias, (nkv * dh, H))
         else:
-            w, b = self._linear(p + spec.attn["qkv"], qkv_bias)  # (n_out, H)
+            w, b = self._linear(p + spec.attn["qkv"], qkv_bias, ((nh + 2 * nkv) * dh, H))  # (n_out, H)
             if spec.qkv_layout == "concat":  # rows [q | k | v]
                 sizes = [nh * dh, nkv * dh, nkv * dh]
                 wq, wk, wv = torch.split(w, sizes, dim=0)
@@ -279,13 +291,13 @@ class LayerReader:
         kw["W_V"] = wv.reshape(nkv, dh, H)
         if bq is not None:
             kw["b_Q"], kw["b_K"], kw["b_V"] = bq.reshape(nh, dh), bk.reshape(nkv, dh), bv.reshape(nkv, dh)
-        wo, bo = self._linear(p + spec.attn["o"], spec.attn_bias == "all")  # (H, nh*dh)
+        wo, bo = self._linear(p + spec.attn["o"], spec.attn_bias == "all", (H, nh * dh))
         kw["W_O"] = wo.reshape(H, nh, dh).permute(1, 0, 2).contiguous()  # (nh, H, dh)
         kw["b_O"] = bo
 
         m = spec.mlp
         if "gate_up" in m:
-            w, _ = self._linear(p + m["gate_up"], False)
+            w, _ = self._linear(p + m["gate_up"], False, (2 * s.d_ff, H))
             kw["W_gate"], kw["W_up"] = (t.contiguous() for t in torch.chunk(w, 2, dim=0))
         else:
             if "gate" in m:
