@@ -1,0 +1,392 @@
+"""An interactive explorer for notebooks: pick a model, a block of layers, a method, and see
+every figure of :mod:`drift.plots` for it.
+
+    >>> ex = drift.widgets.Explorer(model="minilm")
+    >>> ex                                   # the widget, in a notebook
+    >>> ex.set(block=(0, 3), method="rotation"); ex.refresh()   # or headless, in tests
+
+Analyses go through :mod:`drift.cache`, so a setting seen before (in this session or an
+earlier one) is served from disk; the figures of the last few settings are also kept in
+memory, so going back to one of them redraws nothing. A long analysis shows ``analyze``'s
+progress bar in the output area and can be stopped with the notebook's interrupt button:
+the cache stores a result only once it is complete, so nothing half-done is left behind.
+
+The explorer is testable without a browser: every control has a value that
+:meth:`Explorer.set` changes, :meth:`Explorer.refresh` runs synchronously, and the last
+``result``, ``figures`` and ``from_cache`` are attributes.
+
+ipywidgets and matplotlib are imported here, never by ``import drift``.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Sequence
+
+import ipywidgets as W
+
+from . import plots
+from .cache import Cache
+from .errors import DriftError
+from .result import AnalysisResult
+
+log = logging.getLogger(__name__)
+
+METHODS = ("exact", "rotation", "raw")
+PAIRS = ("consecutive", "all")
+VALUES = (("ρ", "rho"), ("residual", "residual"))
+RENDER_MEMORY = 8
+"""How many settings' figures are kept in memory."""
+
+
+def available_models() -> list[str]:
+    """Models the explorer can offer without the network: the bundled ``minilm`` and every
+    model repo in the local Hugging Face cache whose architecture drift supports."""
+    import json
+
+    from .archs import find_arch
+    from .checkpoint import BUNDLED
+
+    names = list(BUNDLED)
+    try:
+        from huggingface_hub import scan_cache_dir
+
+        repos = scan_cache_dir().repos
+    except Exception:  # no cache folder yet, or an unreadable one: offer what is bundled
+        return names
+    for repo in sorted(repos, key=lambda r: r.repo_id):
+        if repo.repo_type != "model" or not repo.revisions:
+            continue
+        snap = max(repo.revisions, key=lambda r: r.last_modified).snapshot_path
+        try:
+            find_arch(json.loads((Path(snap) / "config.json").read_text()))
+        except Exception:  # no config, unreadable, or an architecture drift refuses
+            continue
+        names.append(repo.repo_id)
+    return names
+
+
+def n_layers(model: str) -> int:
+    """Number of layers of ``model``, from its config alone."""
+    from .canonical import n_layers_of
+    from .checkpoint import Checkpoint
+
+    return n_layers_of(Checkpoint.open(model).config)
+
+
+class Explorer:
+    """Model picker, block slider, method / pairs / value toggles and a family selector over
+    the figures of one analysis.
+
+    Args:
+        model: a bundled name (``"minilm"``), a local checkpoint folder, or a repo id in the
+            local Hugging Face cache.
+        block: ``(first, last)`` layers, inclusive (default: every layer).
+        method: ``"exact"`` | ``"rotation"`` | ``"raw"``.
+        pairs: ``"consecutive"`` | ``"all"``.
+        families: families to draw (default: all of the result's).
+        value: ``"rho"`` | ``"residual"``: what the heatmaps show.
+        cache: a :class:`~drift.cache.Cache`, or a folder for one (default ``~/.cache/drift``).
+        progress: pass ``analyze`` its progress bar.
+        auto: re-analyse / redraw as soon as a control changes (off: only on :meth:`refresh`).
+        dpi: resolution of the rendered figures.
+        analyze_kwargs: further arguments for ``drift.analyze`` (``seed``, ``n_null``, ...).
+
+    Attributes:
+        result: the last :class:`AnalysisResult` (None before the first refresh).
+        figures: the last figures, ``{"ranking", "drift_along", "heatmaps"}`` -> Figure.
+        from_cache: whether the last result came from the disk cache.
+        timing: seconds of the last refresh: ``result_s`` (getting the result), ``render_s``,
+            ``total_s``.
+        status: the last message shown under the controls.
+        history: one dict per refresh (settings, from_cache, timing).
+        widget: the ipywidgets container (what a notebook displays).
+    """
+
+    def __init__(self, model: str = "minilm", block: tuple[int, int] | None = None,
+                 method: str = "exact", pairs: str = "consecutive",
+                 families: Sequence[str] | None = None, value: str = "rho",
+                 cache: Cache | str | Path | None = None, progress: bool = True, auto: bool = True,
+                 dpi: int = 90, **analyze_kwargs: Any):
+        self.cache = cache if isinstance(cache, Cache) else Cache(cache)
+        self.progress = progress
+        self.auto = auto
+        self.dpi = dpi
+        self.analyze_kwargs = analyze_kwargs
+        self.result: AnalysisResult | None = None
+        self.figures: dict[str, Any] = {}
+        self.from_cache: bool | None = None
+        self.timing: dict[str, float] = {}
+        self.status = ""
+        self.history: list[dict[str, Any]] = []
+        self.interrupted = False
+        self._renders: OrderedDict[tuple, tuple[dict, list[bytes]]] = OrderedDict()
+        self._wanted_families = list(families) if families is not None else None
+        self._hold = False
+        self._result_digest = ""
+
+        known = available_models()
+        self._model = W.Dropdown(options=known, value=known[0], description="model",
+                                 layout=W.Layout(width="320px"))
+        self._path = W.Text(placeholder="…or a local folder / cached HF repo id",
+                            continuous_update=False, layout=W.Layout(width="340px"))
+        self._block = W.IntRangeSlider(value=(0, 1), min=0, max=1, description="block",
+                                       continuous_update=False, layout=W.Layout(width="560px"))
+        self._method = W.ToggleButtons(options=METHODS, value=method, description="method",
+                                       tooltips=["exact gauge group of the architecture",
+                                                 "the reference script's rotations (approximate)",
+                                                 "no alignment"])
+        self._pairs = W.ToggleButtons(options=PAIRS, value=pairs, description="pairs")
+        self._value = W.ToggleButtons(options=VALUES, value=value, description="heatmaps")
+        self._families = W.SelectMultiple(options=[], rows=6, description="families")
+        self._status = W.HTML()
+        self.output = W.Output()
+        self.widget = W.VBox([
+            W.HBox([self._model, self._path]), self._block,
+            self._method, self._pairs, W.HBox([self._families, self._value]),
+            self._status, self.output,
+        ])
+        self._set_model(model, block)
+        for w in (self._model, self._path, self._block, self._method, self._pairs):
+            w.observe(self._on_analysis_change, names="value")
+        for w in (self._families, self._value):
+            w.observe(self._on_view_change, names="value")
+
+    # ------------------------------------------------------------------ display
+    def _ipython_display_(self) -> None:
+        from IPython.display import display
+
+        if self.result is None and self.auto:
+            self.refresh()
+        display(self.widget)
+
+    def __repr__(self) -> str:
+        return f"Explorer({self.settings()})"
+
+    # ------------------------------------------------------------------ settings
+    @property
+    def model(self) -> str:
+        return self._path.value.strip() or self._model.value
+
+    def settings(self) -> dict[str, Any]:
+        """The current choice: model, block, method, pairs, families, value."""
+        return dict(model=self.model, block=tuple(self._block.value), method=self._method.value,
+                    pairs=self._pairs.value, families=list(self._families.value) or None,
+                    value=self._value.value)
+
+    def set(self, model: str | None = None, block: tuple[int, int] | None = None,
+            method: str | None = None, pairs: str | None = None,
+            families: Sequence[str] | None = None, value: str | None = None) -> "Explorer":
+        """Change controls without triggering a refresh (call :meth:`refresh` after).
+
+        Raises:
+            ValueError: an unknown method / pairs / value, or a block outside the model.
+        """
+        self._hold = True
+        try:
+            if model is not None:
+                self._set_model(model, block)
+            elif block is not None:
+                self._set_block(block)
+            if method is not None:
+                self._method.value = _choice(method, METHODS, "method")
+            if pairs is not None:
+                self._pairs.value = _choice(pairs, PAIRS, "pairs")
+            if value is not None:
+                self._value.value = _choice(value, [v for _, v in VALUES], "value")
+            if families is not None:
+                self._wanted_families = list(families)
+                self._sync_families()
+        finally:
+            self._hold = False
+        return self
+
+    def _set_model(self, model: str, block: tuple[int, int] | None) -> None:
+        model = str(model)
+        if model in self._model.options:
+            self._model.value = model
+            self._path.value = ""
+        else:
+            self._path.value = model
+        self._update_slider(block)
+
+    def _update_slider(self, block: tuple[int, int] | None = None) -> None:
+        """Fit the slider to the current model's depth and set the block (default: all layers)."""
+        try:
+            n = n_layers(self.model)
+        except DriftError as e:
+            self._show_status(f"<b style='color:#b00'>{_esc(e)}</b>")
+            return
+        self._block.max = n - 1  # clamps the old value into range
+        if block is not None:
+            self._set_block(block)
+        else:  # a new model starts with all of its layers
+            self._block.value = (0, n - 1)
+
+    def _set_block(self, block: tuple[int, int]) -> None:
+        lo, hi = (int(b) for b in block)
+        if not 0 <= lo <= hi <= self._block.max:
+            raise ValueError(f"block {block} is outside the model's layers 0..{self._block.max}")
+        self._block.value = (lo, hi)
+
+    def _sync_families(self) -> None:
+        """Family options from the result; keep the wanted selection where possible."""
+        if self.result is None:
+            return
+        fams = self.result.families
+        if tuple(self._families.options) != tuple(fams):
+            self._families.options = fams
+        wanted = [f for f in (self._wanted_families or fams) if f in fams] or fams
+        self._families.value = tuple(wanted)
+
+    # ------------------------------------------------------------------ events
+    def _on_analysis_change(self, change: dict) -> None:
+        if self._hold:
+            return
+        if change["owner"] in (self._model, self._path):
+            self._hold = True
+            try:
+                self._update_slider()
+            finally:
+                self._hold = False
+        if self.auto:
+            self.refresh()
+
+    def _on_view_change(self, change: dict) -> None:
+        if self._hold:
+            return
+        if change["owner"] is self._families:
+            self._wanted_families = list(self._families.value) or None
+        if self.auto and self.result is not None:
+            self._render_and_show()
+
+    # ------------------------------------------------------------------ work
+    def refresh(self) -> AnalysisResult | None:
+        """Get the result for the current settings (from the cache when possible) and draw it.
+
+        Returns the result, or None when the analysis failed or was interrupted (the
+        message is in ``status``; the previous figures stay).
+        """
+        s = self.settings()
+        lo, hi = s["block"]
+        if hi - lo < 1:
+            self._show_status("Pick a block of at least two layers.")
+            return None
+        t0 = time.perf_counter()
+        self.interrupted = False
+        self._show_status(f"Analysing <code>{_esc(s['model'])}</code>, layers {lo}–{hi}, "
+                          f"{s['method']}, {s['pairs']} pairs …")
+        failure: BaseException | None = None
+        # analyze's progress bar (tqdm.auto) appears in the output area. The try sits inside
+        # the ``with``: Output.__exit__ would otherwise print and swallow the exception.
+        with self.output:
+            try:
+                result, hit = self.cache.get_or_compute(
+                    s["model"], layers=list(range(lo, hi + 1)), pairs=s["pairs"], method=s["method"],
+                    progress=self.progress, **self.analyze_kwargs)
+            except BaseException as e:  # noqa: BLE001 - sorted out below, outside the ``with``
+                failure = e
+        if failure is not None and not isinstance(failure, (KeyboardInterrupt, DriftError)):
+            self._show_status(f"<b style='color:#b00'>{type(failure).__name__}: {_esc(failure)}</b>")
+            raise failure
+        if isinstance(failure, KeyboardInterrupt):
+            self.interrupted = True
+            self._show_status("Interrupted. Nothing was cached; the figures below are the previous ones.")
+            return None
+        if failure is not None:
+            self._show_status(f"<b style='color:#b00'>{_esc(failure)}</b>")
+            return None
+        t1 = time.perf_counter()
+        self.result, self.from_cache = result, hit
+        self._result_digest = Cache.digest(self.cache.last_key)
+        self._hold = True
+        try:
+            self._sync_families()
+        finally:
+            self._hold = False
+        render_s = self._render_and_show()
+        t2 = time.perf_counter()
+        self.timing = {"result_s": t1 - t0, "render_s": render_s, "total_s": t2 - t0}
+        self.history.append({**self.settings(), "from_cache": hit, **self.timing})
+        where = "from the cache" if hit else "computed"
+        self._show_status(f"<code>{_esc(s['model'])}</code>, layers {lo}–{hi}: result {where} in "
+                          f"{t1 - t0:.2f} s, drawn in {render_s:.2f} s.")
+        return result
+
+    def _render_and_show(self) -> float:
+        """Draw (or recall) the figures of the current result and view; return the seconds."""
+        t0 = time.perf_counter()
+        fams = tuple(self._families.value) or tuple(self.result.families)
+        key = (self._result_digest, fams, self._value.value)
+        if key in self._renders:
+            self._renders.move_to_end(key)
+            figures, pngs = self._renders[key]
+        else:
+            figures = render(self.result, families=list(fams), value=self._value.value)
+            pngs = [_png(f, self.dpi) for f in figures.values()]
+            self._renders[key] = (figures, pngs)
+            while len(self._renders) > RENDER_MEMORY:
+                self._renders.popitem(last=False)
+        self.figures = figures
+        self._show(pngs)
+        return time.perf_counter() - t0
+
+    def _show(self, pngs: list[bytes]) -> None:
+        from IPython.display import Image
+
+        self.output.outputs = ()  # works with and without a kernel (clear_output needs one)
+        for png in pngs:
+            self.output.append_display_data(Image(data=png, format="png"))
+
+    def _show_status(self, html: str) -> None:
+        self.status = html
+        self._status.value = html
+
+
+def render(result: AnalysisResult, families: Sequence[str] | None = None,
+           value: str = "rho") -> dict[str, Any]:
+    """The explorer's figures for ``result``, as pyplot-free Figures (nothing is displayed):
+    ``ranking``, ``drift_along`` (ρ and residual vs null side by side, when the result has
+    consecutive pairs) and ``heatmaps`` (a grid of the families)."""
+    from matplotlib.figure import Figure
+
+    fams = list(families) if families else result.families
+    out: dict[str, Any] = {}
+    fig = Figure(figsize=(7.5, 0.38 * len(fams) + 1.8), layout="constrained")
+    plots.ranking(result, ax=fig.subplots(), families=fams)
+    out["ranking"] = fig
+    if not result.consecutive().df.empty:
+        fig = Figure(figsize=(14, 4.2), layout="constrained")
+        a1, a2 = fig.subplots(1, 2)
+        plots.drift_along(result, families=fams, ax=a1)
+        plots.drift_along(result, families=fams, ax=a2, value="residual")
+        out["drift_along"] = fig
+    fig = Figure()
+    plots.heatmap_grid(result, families=fams, value=value, fig=fig)
+    out["heatmaps"] = fig
+    return out
+
+
+def _png(fig: Any, dpi: int) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    return buf.getvalue()
+
+
+def _choice(v: str, allowed: Sequence[str], what: str) -> str:
+    if v not in allowed:
+        raise ValueError(f"{what} must be one of {', '.join(allowed)}, got {v!r}")
+    return v
+
+
+def _esc(x: Any) -> str:
+    import html
+
+    return html.escape(str(x))
+
+
+__all__ = ["Explorer", "available_models", "render"]

@@ -1,0 +1,260 @@
+"""drift.cache: round trip, keys, atomic writes, corrupt entries recomputed and never served."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import drift
+from drift import cache as dcache
+from drift.cache import Cache, cached_analyze
+from drift.result import COLUMNS, AnalysisResult
+
+from _synthetic import make_result
+
+
+class FakeAnalyze:
+    """Stands in for drift.analyze (same signature); counts calls."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, model, layers=None, pairs="consecutive", method="exact", seed=0, n_null=1,
+                 dtype="float32", device="auto", progress=True) -> AnalysisResult:
+        self.calls += 1
+        layers = list(layers) if layers is not None else list(range(3))
+        return make_result(method, pairs, layers=layers, seed=seed, model=str(model))
+
+
+@pytest.fixture
+def ckpt(toy_checkpoint) -> Path:
+    return toy_checkpoint("bert")[0]
+
+
+@pytest.fixture
+def fake() -> FakeAnalyze:
+    return FakeAnalyze()
+
+
+@pytest.fixture
+def cache(tmp_path, fake) -> Cache:
+    return Cache(tmp_path / "cache", analyze=fake)
+
+
+def _same(a: AnalysisResult, b: AnalysisResult) -> None:
+    pd.testing.assert_frame_equal(a.df, b.df, check_dtype=False)
+    assert a.meta == b.meta
+
+
+# --------------------------------------------------------------------------- round trip
+
+def test_round_trip_second_call_is_a_hit(cache, fake, ckpt):
+    r1, hit1 = cache.get_or_compute(ckpt, method="rotation", layers=[0, 1, 2])
+    r2, hit2 = cache.get_or_compute(ckpt, method="rotation", layers=[0, 1, 2])
+    assert (hit1, hit2) == (False, True)
+    assert fake.calls == 1
+    assert (cache.hits, cache.misses) == (1, 1)
+    _same(r1, r2)
+    assert len(cache.entries()) == 1
+
+
+def test_defaults_progress_and_device_do_not_split_the_key(cache, fake, ckpt):
+    cache.get_or_compute(ckpt)
+    cache.get_or_compute(ckpt, method="exact", pairs="consecutive", progress=False, device="cpu")
+    cache.get_or_compute(ckpt, layers=None, seed=0, n_null=1, dtype="float32")
+    assert fake.calls == 1
+
+
+@pytest.mark.parametrize("change", [
+    dict(method="raw"), dict(pairs="all"), dict(layers=[0, 1]), dict(seed=1), dict(n_null=2),
+    dict(dtype="float64"),
+])
+def test_every_argument_that_changes_numbers_is_in_the_key(cache, fake, ckpt, change):
+    cache.get_or_compute(ckpt, layers=[0, 1, 2])
+    cache.get_or_compute(ckpt, **{"layers": [0, 1, 2], **change})
+    assert fake.calls == 2
+
+
+def test_ranges_and_lists_give_the_same_key(cache, ckpt):
+    assert cache.key(ckpt, layers=range(3)) == cache.key(ckpt, layers=[0, 1, 2])
+
+
+def test_new_drift_version_misses(cache, fake, ckpt, monkeypatch):
+    cache.get_or_compute(ckpt)
+    monkeypatch.setattr(drift, "__version__", "999.0")
+    _, hit = cache.get_or_compute(ckpt)
+    assert not hit and fake.calls == 2
+
+
+def test_changed_checkpoint_misses(tmp_path, cache, fake, ckpt):
+    import shutil
+
+    mine = shutil.copytree(ckpt, tmp_path / "mine")
+    cache.get_or_compute(mine)
+    weights = mine / "model.safetensors"
+    st = weights.stat()
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # "retrained"
+    _, hit = cache.get_or_compute(mine)
+    assert not hit and fake.calls == 2
+
+
+def test_unknown_argument_is_refused(cache, ckpt):
+    with pytest.raises(TypeError):
+        cache.key(ckpt, lr=3)
+
+
+def test_missing_model_is_refused_before_computing(cache, fake, tmp_path):
+    with pytest.raises(drift.ModelNotFoundError):
+        cache.get_or_compute(tmp_path / "nothing-here")
+    assert fake.calls == 0
+
+
+def test_refresh_recomputes_and_overwrites(cache, fake, ckpt):
+    cache.get_or_compute(ckpt)
+    _, hit = cache.get_or_compute(ckpt, refresh=True)
+    assert not hit and fake.calls == 2 and len(cache.entries()) == 1
+
+
+# --------------------------------------------------------------------------- location
+
+def test_directory_from_env_and_default(tmp_path, monkeypatch):
+    monkeypatch.setenv("DRIFT_CACHE_DIR", str(tmp_path / "env"))
+    assert Cache().directory == tmp_path / "env"
+    monkeypatch.delenv("DRIFT_CACHE_DIR")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert Cache().directory == tmp_path / "home" / ".cache" / "drift"
+
+
+def test_cached_analyze_with_a_folder(tmp_path, ckpt, monkeypatch):
+    fake = FakeAnalyze()
+    monkeypatch.setattr(dcache.Cache, "analyze", property(lambda self: fake))
+    r1 = cached_analyze(ckpt, cache=tmp_path / "c", method="raw")
+    r2 = cached_analyze(ckpt, cache=tmp_path / "c", method="raw")
+    assert fake.calls == 1
+    _same(r1, r2)
+
+
+# --------------------------------------------------------------------------- corruption
+
+def _truncate(p: Path) -> None:
+    p.write_text(p.read_text()[: len(p.read_text()) // 2])
+
+
+def _tamper_value(p: Path) -> None:
+    e = json.loads(p.read_text())
+    e["result"]["rows"][0]["residual"] = 0.0  # checksum no longer matches
+    p.write_text(json.dumps(e))
+
+
+def _drop_column(p: Path) -> None:
+    e = json.loads(p.read_text())
+    for row in e["result"]["rows"]:
+        del row["null"]
+    e["checksum"] = dcache._checksum(e["result"])  # a consistent, but unusable, entry
+    p.write_text(json.dumps(e))
+
+
+def _not_an_entry(p: Path) -> None:
+    p.write_text(json.dumps([1, 2, 3]))
+
+
+def _wrong_key(p: Path) -> None:
+    e = json.loads(p.read_text())
+    e["key"]["args"]["method"] = "raw"
+    p.write_text(json.dumps(e))
+
+
+def _empty(p: Path) -> None:
+    p.write_bytes(b"")
+
+
+@pytest.mark.parametrize("corrupt", [_truncate, _tamper_value, _drop_column, _not_an_entry,
+                                     _wrong_key, _empty])
+def test_corrupt_entry_is_detected_deleted_and_recomputed(cache, fake, ckpt, corrupt, caplog):
+    good, _ = cache.get_or_compute(ckpt)
+    (entry,) = cache.entries()
+    corrupt(entry)
+    key = cache.key(ckpt)
+    with caplog.at_level(logging.WARNING, logger="drift.cache"):
+        assert cache.get(key) is None  # never served
+    assert not entry.exists()  # deleted
+    assert "corrupt entry" in caplog.text
+    again, hit = cache.get_or_compute(ckpt)
+    assert not hit and fake.calls == 2
+    _same(again, good)
+    assert entry.exists()  # a sound entry replaced it
+    assert cache.get_or_compute(ckpt)[1]
+
+
+# --------------------------------------------------------------------------- atomicity
+
+def test_interrupted_write_leaves_no_entry_and_no_temp_file(cache, fake, ckpt, monkeypatch):
+    real_dump = json.dump
+
+    def dump_half_then_interrupt(obj, f, **kw):
+        text = json.dumps(obj)
+        f.write(text[: len(text) // 2])
+        f.flush()
+        # a concurrent reader at this moment sees no entry under the real name
+        assert cache.entries() == []
+        assert cache.get(cache.key(ckpt)) is None
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dcache.json, "dump", dump_half_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        cache.get_or_compute(ckpt)
+    assert cache.entries() == []
+    assert list(cache.directory.iterdir()) == []
+    monkeypatch.setattr(dcache.json, "dump", real_dump)
+    _, hit = cache.get_or_compute(ckpt)
+    assert not hit and fake.calls == 2 and len(cache.entries()) == 1
+
+
+def test_interrupted_analysis_stores_nothing(tmp_path, ckpt):
+    def interrupted(model, layers=None, pairs="consecutive", method="exact", seed=0, n_null=1,
+                    dtype="float32", device="auto", progress=True):
+        raise KeyboardInterrupt
+
+    c = Cache(tmp_path / "c", analyze=interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        c.get_or_compute(ckpt)
+    assert c.entries() == []
+
+
+def test_stale_temp_files_are_swept_fresh_ones_kept(cache, ckpt):
+    cache.directory.mkdir(parents=True)
+    stale = cache.directory / ".tmp-old.json"
+    fresh = cache.directory / ".tmp-new.json"
+    for p in (stale, fresh):
+        p.write_text("{half")
+    old = time.time() - 2 * dcache.STALE_TMP_S
+    os.utime(stale, (old, old))
+    cache.get_or_compute(ckpt)
+    assert not stale.exists() and fresh.exists()  # fresh: maybe another process is writing it
+    assert len(cache.entries()) == 1  # temp files are never entries
+
+
+def test_clear(cache, ckpt):
+    cache.get_or_compute(ckpt)
+    cache.get_or_compute(ckpt, method="raw")
+    (cache.directory / ".tmp-x.json").write_text("")
+    assert cache.clear() == 2
+    assert list(cache.directory.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- with the real analysis
+
+def test_real_analysis_round_trip(tmp_path, toy_checkpoint):
+    folder, _ = toy_checkpoint("llama")
+    c = Cache(tmp_path / "c")
+    r1, hit1 = c.get_or_compute(folder, pairs="all", progress=False)
+    r2, hit2 = c.get_or_compute(folder, pairs="all", progress=False)
+    assert (hit1, hit2) == (False, True)
+    assert list(r2.df.columns[: len(COLUMNS)]) == COLUMNS
+    _same(r1, r2)

@@ -1,0 +1,269 @@
+"""drift.widgets.Explorer, headless: every control re-renders, revisits come from the cache,
+an interrupted run leaves the cache and the figures as they were."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import pytest  # noqa: E402
+
+import drift  # noqa: E402
+from drift import plots  # noqa: E402
+from drift.cache import Cache  # noqa: E402
+from drift.widgets import Explorer, available_models, render  # noqa: E402
+
+from _synthetic import make_result  # noqa: E402
+
+
+@pytest.fixture
+def llama(toy_checkpoint) -> Path:
+    return toy_checkpoint("llama")[0]  # 3 layers, GLU, RoPE
+
+
+@pytest.fixture
+def bert(toy_checkpoint) -> Path:
+    return toy_checkpoint("bert")[0]
+
+
+@pytest.fixture
+def cache(tmp_path) -> Cache:
+    return Cache(tmp_path / "cache")
+
+
+FEW = ["q_proj", "k_proj"]
+"""Families every architecture has; drawing few keeps the tests quick (drawing is most of a refresh)."""
+
+
+def _explorer(model, cache, **kw) -> Explorer:
+    return Explorer(model=str(model), cache=cache, progress=False, **{"families": FEW, **kw})
+
+
+def _heatmap_titles(ex: Explorer) -> list[str]:
+    return [ax.get_title() for ax in ex.figures["heatmaps"].axes if ax.images]
+
+
+def _all_titles(ex: Explorer) -> str:
+    out = []
+    for fig in ex.figures.values():
+        out += [ax.get_title() for ax in fig.axes]
+        if fig._suptitle is not None:
+            out.append(fig._suptitle.get_text())
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------- basics
+
+def test_first_refresh_renders_every_figure(llama, cache):
+    ex = _explorer(llama, cache)
+    assert ex.result is None and ex.settings()["block"] == (0, 2)
+    r = ex.refresh()
+    assert r is ex.result and r.method == "exact" and r.meta["layers"] == [0, 1, 2]
+    assert set(ex.figures) == {"ranking", "drift_along", "heatmaps"}
+    assert len(ex.output.outputs) == 3
+    assert all(o["output_type"] == "display_data" and "image/png" in o["data"] for o in ex.output.outputs)
+    assert ex.from_cache is False
+    assert "computed" in ex.status
+    assert list(ex._families.options) == r.families
+    assert ex._families.value == tuple(FEW)
+    assert plots.METHOD_NAMES["exact"] in _all_titles(ex)
+
+
+def test_changing_method_block_and_families_rerenders(llama, cache):
+    ex = _explorer(llama, cache).set(block=(0, 2), method="exact")
+    ex.refresh()
+    first = dict(ex.figures)
+
+    ex.set(method="rotation").refresh()
+    assert ex.result.method == "rotation"
+    assert plots.METHOD_NAMES["rotation"] in _all_titles(ex)
+    assert ex.figures["ranking"] is not first["ranking"]
+
+    ex.set(block=(1, 2)).refresh()
+    assert ex.result.meta["layers"] == [1, 2]
+
+    ex.set(pairs="all").refresh()
+    assert ex.result.meta["pairs"] == "all"
+
+    ex.set(families=["q_proj", "down_proj"]).refresh()
+    assert [t.rstrip(" *") for t in _heatmap_titles(ex)] == ["q_proj", "down_proj"]
+    assert len(ex.history) == 5
+
+
+def test_changing_model_resizes_the_block_and_rerenders(llama, bert, cache, toy_checkpoint):
+    qwen3 = toy_checkpoint("qwen3")[0]
+    ex = _explorer(llama, cache)
+    ex.refresh()
+    assert "gate_proj" in ex.result.families  # GLU
+    ex.set(model=str(bert)).refresh()
+    assert ex.result.meta["model"] == str(bert)
+    assert "gate_proj" not in ex.result.families
+    assert "gate_proj" not in ex._families.options
+    ex.set(model=str(qwen3), block=(1, 2)).refresh()
+    assert "q_norm" in ex.result.families and ex.result.meta["layers"] == [1, 2]
+    assert [t.rstrip(" *") for t in _heatmap_titles(ex)] == FEW  # the selection survives
+
+
+def test_controls_trigger_refresh_and_view_changes_do_not_reanalyse(llama, cache, monkeypatch):
+    ex = _explorer(llama, cache)
+    ex.refresh()
+    calls = []
+    real = cache.get_or_compute
+    monkeypatch.setattr(cache, "get_or_compute", lambda *a, **k: calls.append(k) or real(*a, **k))
+
+    ex._method.value = "raw"  # what a click does
+    assert len(calls) == 1 and ex.result.method == "raw"
+
+    ex._value.value = "residual"
+    ex._families.value = ("q_proj",)
+    assert len(calls) == 1  # redrawn, not re-analysed
+    assert [t.rstrip(" *") for t in _heatmap_titles(ex)] == ["q_proj"]
+    cbar = [a for a in ex.figures["heatmaps"].axes if a.get_label() == "<colorbar>"][0]
+    assert "residual" in cbar.get_ylabel()
+
+
+def test_auto_off_waits_for_refresh(llama, cache):
+    ex = _explorer(llama, cache, auto=False)
+    ex._method.value = "raw"
+    assert ex.result is None
+    ex.refresh()
+    assert ex.result.method == "raw"
+
+
+# --------------------------------------------------------------------------- cache
+
+def test_revisit_is_served_from_cache(llama, cache):
+    ex = _explorer(llama, cache)
+    ex.refresh()
+    ex.set(method="raw").refresh()
+    assert ex.from_cache is False
+    ex.set(method="exact").refresh()
+    assert ex.from_cache is True and "from the cache" in ex.status
+    again = _explorer(llama, cache)  # a new session, same cache folder
+    again.refresh()
+    assert again.from_cache is True
+
+
+def test_second_visit_is_ten_times_faster_on_minilm(tmp_path):
+    """A real analysis (MiniLM, all 6 layers) big enough for a stable ratio."""
+    cache = Cache(tmp_path / "cache")
+    ex = Explorer(model="minilm", cache=cache, progress=False).set(block=(0, 5), method="raw")
+    ex.refresh()
+    first = dict(ex.timing)
+    assert ex.from_cache is False
+    ex.set(block=(0, 2)).refresh()  # go elsewhere (a small analysis) ...
+    ex.set(method="raw", block=(0, 5)).refresh()  # ... and come back
+    assert ex.from_cache is True
+    assert first["total_s"] / ex.timing["total_s"] >= 10
+    fresh = Explorer(model="minilm", cache=cache, progress=False).set(block=(0, 5), method="raw")
+    fresh.refresh()  # new explorer: the result from disk, the figures drawn anew
+    assert fresh.from_cache is True
+    assert first["result_s"] / fresh.timing["result_s"] >= 10
+
+
+# --------------------------------------------------------------------------- failures
+
+def _interrupting(model, layers=None, pairs="consecutive", method="exact", seed=0, n_null=1,
+                  dtype="float32", device="auto", progress=True):
+    raise KeyboardInterrupt
+
+
+def test_interrupt_keeps_previous_figures_and_cache_clean(llama, tmp_path):
+    real = Cache(tmp_path / "cache")
+    ex = _explorer(llama, real)
+    ex.refresh()
+    before_result, before_figs, n_entries = ex.result, dict(ex.figures), len(real.entries())
+
+    ex.cache = Cache(real.directory, analyze=_interrupting)
+    assert ex.set(method="rotation").refresh() is None
+    assert ex.interrupted and "Interrupted" in ex.status
+    assert ex.result is before_result and ex.figures == before_figs
+    assert len(real.entries()) == n_entries
+    assert not list(real.directory.glob(".tmp-*"))
+
+    ex.cache = real
+    assert ex.refresh().method == "rotation"  # picks up where it stopped
+    assert not ex.interrupted
+
+
+def test_missing_model_shows_error(cache, tmp_path, llama):
+    ex = _explorer(llama, cache)
+    ex.refresh()
+    ex.set(model=str(tmp_path / "nowhere"))
+    assert "no such directory" in ex.status
+    assert ex.refresh() is None
+    assert "no such directory" in ex.status
+
+
+def test_bad_settings(llama, cache):
+    ex = _explorer(llama, cache)
+    with pytest.raises(ValueError, match="outside the model's layers 0..2"):
+        ex.set(block=(0, 7))
+    with pytest.raises(ValueError, match="method must be one of"):
+        ex.set(method="procrustes")
+    ex.set(block=(1, 1))
+    assert ex.refresh() is None and "at least two layers" in ex.status
+
+
+def test_programming_errors_are_not_swallowed(llama, tmp_path):
+    def broken(model, layers=None, pairs="consecutive", method="exact", seed=0, n_null=1,
+               dtype="float32", device="auto", progress=True):
+        raise RuntimeError("bug")
+
+    ex = _explorer(llama, Cache(tmp_path / "c", analyze=broken))
+    with pytest.raises(RuntimeError, match="bug"):
+        ex.refresh()
+
+
+# --------------------------------------------------------------------------- pieces
+
+def test_render_keeps_figures_out_of_pyplot():
+    import matplotlib.pyplot as plt
+
+    figs = render(make_result("exact", "all"), families=["q_proj", "k_proj"])
+    assert set(figs) == {"ranking", "drift_along", "heatmaps"}
+    assert plt.get_fignums() == []
+
+
+def test_available_models_reads_only_the_local_hf_cache(tmp_path, monkeypatch, llama):
+    import huggingface_hub
+
+    def repo(repo_id, folder, repo_type="model"):
+        rev = SimpleNamespace(snapshot_path=folder, last_modified=1.0)
+        return SimpleNamespace(repo_id=repo_id, repo_type=repo_type, revisions=[rev])
+
+    weird = tmp_path / "weird"
+    weird.mkdir()
+    (weird / "config.json").write_text(json.dumps({"architectures": ["MambaForCausalLM"]}))
+    repos = [repo("org/toy-llama", llama), repo("org/mamba", weird), repo("org/data", llama, "dataset"),
+             repo("org/empty", tmp_path / "missing")]
+    monkeypatch.setattr(huggingface_hub, "scan_cache_dir", lambda: SimpleNamespace(repos=repos))
+    assert available_models() == ["minilm", "org/toy-llama"]
+
+    def no_cache():
+        raise huggingface_hub.errors.CacheNotFound("none", cache_dir=str(tmp_path))
+
+    monkeypatch.setattr(huggingface_hub, "scan_cache_dir", no_cache)
+    assert available_models() == ["minilm"]
+
+
+def test_model_outside_the_picker_goes_into_the_text_box(llama, cache):
+    ex = _explorer(llama, cache)
+    assert ex._path.value == str(llama) and ex.model == str(llama)
+    ex.set(model="minilm")
+    assert ex._path.value == "" and ex._model.value == "minilm" and ex.model == "minilm"
+    assert ex._block.max == 5
+
+
+def test_widget_tree_is_displayable(llama, cache):
+    ex = _explorer(llama, cache)
+    import ipywidgets as W
+
+    assert isinstance(ex.widget, W.VBox)
+    assert ex.output in ex.widget.children
+    assert drift.widgets is not None
