@@ -1,0 +1,85 @@
+"""The ``drift analyze`` command: the real MiniLM run offline, the reference's JSON keys, and
+one-line errors with exit status 2."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from drift.cli import main
+
+BERT_FAMILIES = {"q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "qk_circuit",
+                 "ov_circuit", "input_ln", "post_attn_ln"}
+
+
+def run_cli(*args, env_extra=None):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", **(env_extra or {}))
+    return subprocess.run([sys.executable, "-m", "drift", *args], capture_output=True, text=True,
+                          env=env, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def minilm_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "minilm.json"
+    proc = run_cli("analyze", "--model", "minilm", "--out", str(out))
+    return proc, out
+
+
+def test_minilm_analyze_offline_reports_every_family(minilm_run):
+    proc, out = minilm_run
+    assert proc.returncode == 0, proc.stderr
+    d = json.loads(out.read_text())
+    assert d["model"] == "minilm" and d["architecture"] == "bert" and d["method"] == "exact"
+    assert d["block_start"] == 0 and d["block_end"] == 5 and d["pairs"] == "consecutive"
+    assert set(d["family_residuals"]) == BERT_FAMILIES
+    for key in ("family_residuals", "null_residuals", "normalized"):
+        for fam, values in d[key].items():
+            assert len(values) == 5, (key, fam)
+            assert all(v is not None and math.isfinite(v) and v >= 0 for v in values), (key, fam)
+    assert all(v > 0 for vals in d["null_residuals"].values() for v in vals)
+    # the printed table ranks every family and names the method
+    assert "method=exact" in proc.stdout
+    assert all(fam in proc.stdout for fam in BERT_FAMILIES)
+
+
+def test_rotation_method_is_labelled_approximate(tmp_path):
+    out = tmp_path / "rot.json"
+    proc = run_cli("analyze", "--model", "minilm", "--block-start", "2", "--block-end", "3",
+                   "--method", "rotation", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "APPROXIMATE" in proc.stdout
+    d = json.loads(out.read_text())
+    assert d["approximate"] is True and d["method"] == "rotation"
+    assert len(d["family_residuals"]["q_proj"]) == 1
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model", "/nonexistent/ckpt"], "no such directory"),
+    (["--model", "minilm", "--block-end", "9"], "out of range"),
+    (["--model", "minilm", "--block-start", "4", "--block-end", "2"], "before --block-start"),
+    (["--model", "someorg/not-cached-model"], "not in the local Hugging Face cache"),
+])
+def test_errors_are_one_line_with_status_2(args, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    code = main(["analyze", *args, "--quiet", "--out", str(tmp_path / "x.json")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err
+    assert err.count("\n") == 1 and err.startswith("drift: ")
+    assert "Traceback" not in err
+
+
+def test_unknown_architecture_exits_2(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["MambaForCausalLM"],
+                                                      "model_type": "mamba"}))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    proc = run_cli("analyze", "--model", str(tmp_path), "--quiet")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("drift: ") and "Traceback" not in proc.stderr
+    assert "unsupported architecture 'MambaForCausalLM'" in proc.stderr and "qwen3" in proc.stderr
