@@ -319,7 +319,13 @@ class LayerReader:
 
 
 def open_layers(model: str, dtype: torch.dtype = torch.float32) -> LayerReader:
-    """Resolve ``model`` and return a reader of its canonical layers."""
+    """Resolve ``model`` and return a reader of its canonical layers.
+
+    The architecture is checked before any weight file is touched, so an unsupported model
+    is named as such even when its weights are also unreadable."""
+    from .checkpoint import read_config, resolve_model
+
+    find_arch(read_config(resolve_model(model)))
     return LayerReader(Checkpoint.open(model), dtype)
 
 
