@@ -155,9 +155,11 @@ def test_truncated_safetensors(checkpoint_copy):
         Checkpoint.open(f.parent)
 
 
-def test_garbage_safetensors(checkpoint_copy):
+@pytest.mark.parametrize("data", [bytes(range(256)) * 16, (16).to_bytes(8, "little") + b"{not json}" * 4],
+                         ids=["huge-header-length", "header-not-json"])
+def test_garbage_safetensors(checkpoint_copy, data):
     f = checkpoint_copy("llama") / "model.safetensors"
-    f.write_bytes(os.urandom(4096))
+    f.write_bytes(data)
     with _raises(CheckpointError, "model.safetensors: corrupt or truncated"):
         Checkpoint.open(f.parent)
 
