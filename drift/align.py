@@ -63,24 +63,39 @@ def procrustes_thin(As: Sequence[Tensor], Bs: Sequence[Tensor]) -> list[Tensor]:
     return [Qb @ (small @ (Qa.transpose(-1, -2) @ a)) for a in As]
 
 
-def balance_gl(A: Tensor, B: Tensor, eps: float = 1e-12) -> tuple[Tensor, Tensor]:
+def _inv_sqrt_psd(G: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """(G^{1/2}, G^{-1/2}) of a symmetric PSD matrix by eigh (eigenvalues floored at eps·max)."""
+    w, E = torch.linalg.eigh(G)
+    w = w.clamp_min(eps * w.max(dim=-1, keepdim=True).values.clamp_min(1e-300))
+    Et = E.transpose(-1, -2)
+    return (E * w.sqrt()[..., None, :]) @ Et, (E * w.rsqrt()[..., None, :]) @ Et
+
+
+def balance_gl(A: Tensor, B: Tensor, eps: float = 1e-14) -> tuple[Tensor, Tensor]:
     """Balanced canonical factors of a GL(d) gauge pair.
 
-    ``A`` (d, p) transforms as ``A ← M A`` and ``B`` (d, q) as ``B ← M⁻ᵀ B`` for any
+    ``A`` (..., d, p) transforms as ``A ← M A`` and ``B`` (..., d, q) as ``B ← M⁻ᵀ B`` for any
     M ∈ GL(d): the product ``Aᵀ B`` (p, q) is the invariant. Returns ``(A_bal, B_bal)`` with
     ``A_balᵀ B_bal = Aᵀ B`` and ``A_bal A_balᵀ = B_bal B_balᵀ = S`` (diagonal, the singular
     values of ``AᵀB``). Two inputs related by a GL gauge give outputs related by an O(d)
-    rotation only (gauge-spec §4.4b). Cost: two thin QRs and one d×d SVD.
-    Used for VO (A = V_g, B = stacked ``O_hᵀ``) and for QK without RoPE (A = stacked Q_h,
-    B = K_g).
+    rotation only (gauge-spec §4.4b). Used for VO (A = V_g, B = stacked ``O_hᵀ``) and for QK
+    without RoPE (A = stacked Q_h, B = K_g).
+
+    Instead of two thin QRs (slow on CPU for tall matrices), the orthonormal factors come from
+    the d×d Grams: with ``G_a = A Aᵀ``, ``Q_a = Aᵀ G_a^{-1/2}`` has orthonormal columns and
+    ``Aᵀ = Q_a G_a^{1/2}``. All d×d work is in float64; only two (d, p) products touch the
+    full matrices. Assumes A and B have full row rank d (true for trained and random weights).
     """
-    Qa, Ra = torch.linalg.qr(A.transpose(-1, -2))  # (p, d), (d, d)
-    Qb, Rb = torch.linalg.qr(B.transpose(-1, -2))  # (q, d), (d, d)
-    u, s, vh = torch.linalg.svd(Ra @ Rb.transpose(-1, -2))  # (d, d)
-    root = s.clamp_min(eps).sqrt()
-    A_bal = root[..., :, None] * (Qa @ u).transpose(-1, -2)  # (d, p)
-    B_bal = root[..., :, None] * (vh @ Qb.transpose(-1, -2))  # (d, q)
-    return A_bal, B_bal
+    dt = A.dtype
+    A64, B64 = A.double(), B.double()
+    Ga, Gb = A64 @ A64.transpose(-1, -2), B64 @ B64.transpose(-1, -2)  # (d, d)
+    Ra, Ra_inv = _inv_sqrt_psd(Ga, eps)
+    Rb, Rb_inv = _inv_sqrt_psd(Gb, eps)
+    u, s, vh = torch.linalg.svd(Ra @ Rb)  # Ra, Rb symmetric: Aᵀ B = Q_a (Ra Rb) Q_bᵀ
+    root = s.sqrt()[..., :, None]
+    left = root * (u.transpose(-1, -2) @ Ra_inv)  # (d, d): A_bal = s^{1/2} uᵀ Ga^{-1/2} A
+    right = root * (vh @ Rb_inv)  # B_bal = s^{1/2} vᵀ Gb^{-1/2} B
+    return (left.to(dt) @ A), (right.to(dt) @ B)
 
 
 def product_dist2(A_a: Tensor, B_a: Tensor, A_b: Tensor, B_b: Tensor) -> Tensor:

@@ -99,6 +99,9 @@ def analyze(model: str | LayerReader, layers: Iterable[int] | None = None, pairs
         return forms[L]
 
     gen = torch.Generator().manual_seed(int(seed))
+    # One random residual rotation per null draw, shared by every pair: each pair's null is
+    # still layer_b against an independent random rotation of itself (d_model QRs are not free).
+    rotations = [random_orthogonal(reader.sym.d_model, gen, tdtype).to(dev) for _ in range(n_null)]
     rows = []
     from tqdm.auto import tqdm
 
@@ -107,8 +110,7 @@ def analyze(model: str | LayerReader, layers: Iterable[int] | None = None, pairs
         fa, fb = form(a), form(b)
         obs = compare_fn(fa, fb)
         nulls: dict[str, float] = {f: 0.0 for f in obs}
-        for _ in range(n_null):
-            R = random_orthogonal(fb.H, gen, tdtype).to(dev)
+        for R in rotations:
             fn = fb.rotate_residual(R).shuffle_gains(gen)
             for f, v in compare_fn(fa, fn).items():
                 nulls[f] += v / n_null
