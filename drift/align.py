@@ -113,15 +113,62 @@ def product_dist2(A_a: Tensor, B_a: Tensor, A_b: Tensor, B_b: Tensor) -> Tensor:
     return (aa + bb - 2 * ab).clamp_min(0)
 
 
-def lap(cost: np.ndarray | Tensor, maximize: bool = False) -> np.ndarray:
-    """``col[i]``: the column assigned to row i by ``scipy.optimize.linear_sum_assignment``."""
+def _lap_cols(c: np.ndarray, maximize: bool) -> np.ndarray:
     from scipy.optimize import linear_sum_assignment
 
-    c = cost.detach().cpu().double().numpy() if isinstance(cost, Tensor) else np.asarray(cost, float)
     rows, cols = linear_sum_assignment(c, maximize=maximize)
     out = np.empty(c.shape[0], dtype=np.int64)
     out[rows] = cols
     return out
+
+
+_POOL = None
+POOL_MIN_SIZE = 1024
+"""Assignments at least this large go to the worker processes when a pool is active."""
+
+
+class lap_pool:
+    """Context manager: run large assignments (``n ≥ POOL_MIN_SIZE``) in ``workers`` forked
+    processes, so that several layer pairs' MLP matchings proceed at once. scipy's
+    ``linear_sum_assignment`` holds the GIL, so threads alone cannot overlap it. Workers only
+    run scipy (no torch, no CUDA), which keeps fork safe. ``workers <= 1`` does nothing."""
+
+    def __init__(self, workers: int):
+        self.workers = workers
+
+    def __enter__(self):
+        global _POOL
+        if self.workers > 1 and _POOL is None:
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor
+
+            _POOL = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("fork"))
+            self._owner = True
+        else:
+            self._owner = False
+        return self
+
+    def __exit__(self, *exc):
+        global _POOL
+        if self._owner and _POOL is not None:
+            _POOL.shutdown(wait=True, cancel_futures=True)
+            _POOL = None
+
+
+def lap(cost: np.ndarray | Tensor, maximize: bool = False) -> np.ndarray:
+    """``col[i]``: the column assigned to row i by ``scipy.optimize.linear_sum_assignment``.
+
+    Inside :class:`lap_pool`, large problems run in a worker process (the calling thread
+    waits without holding the GIL); float32 costs are shipped as float32 to halve the copy.
+    """
+    if isinstance(cost, Tensor):
+        c = cost.detach().cpu()
+        c = (c if c.dtype in (torch.float32, torch.float64) else c.double()).numpy()
+    else:
+        c = np.asarray(cost, float)
+    if _POOL is not None and min(c.shape) >= POOL_MIN_SIZE:
+        return _POOL.submit(_lap_cols, c, maximize).result()
+    return _lap_cols(c, maximize)
 
 
 def match_heads(cost: Tensor, n_kv: int) -> np.ndarray:

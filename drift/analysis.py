@@ -90,7 +90,7 @@ def analyze(model: str | LayerReader, layers: Iterable[int] | None = None, pairs
     form_fn, compare_fn = METHOD_FNS[method]
 
     forms: dict[int, object] = {}
-    last_use = {L: max(k for k, p in enumerate(plist) if L in p) for L in layers}
+    uses = {L: [k for k, p in enumerate(plist) if L in p] for L in layers}
 
     def form(L: int):
         if L not in forms:
@@ -102,26 +102,49 @@ def analyze(model: str | LayerReader, layers: Iterable[int] | None = None, pairs
     # One random residual rotation per null draw, shared by every pair: each pair's null is
     # still layer_b against an independent random rotation of itself (d_model QRs are not free).
     rotations = [random_orthogonal(reader.sym.d_model, gen, tdtype).to(dev) for _ in range(n_null)]
-    rows = []
-    from tqdm.auto import tqdm
+    null_gens = [torch.Generator().manual_seed(int(seed) * 1000 + k) for k in range(len(plist))]
 
-    bar = tqdm(plist, desc=f"drift {method}", unit="pair", disable=not progress, leave=False)
-    for k, (a, b) in enumerate(bar):
+    def compare_pair(k: int) -> list[dict]:
+        a, b = plist[k]
         fa, fb = form(a), form(b)
         obs = compare_fn(fa, fb)
         nulls: dict[str, float] = {f: 0.0 for f in obs}
         for R in rotations:
-            fn = fb.rotate_residual(R).shuffle_gains(gen)
+            fn = fb.rotate_residual(R).shuffle_gains(null_gens[k])
             for f, v in compare_fn(fa, fn).items():
                 nulls[f] += v / n_null
-        for f, v in obs.items():
-            null = nulls[f]
-            rows.append(dict(family=f, layer_a=a, layer_b=b, residual=v, null=null,
-                             rho=v / null if null > 0 else float("nan"),
-                             invariant=family_invariant(method, fa.sym, f), kind=family_kind(f)))
-        for L in (a, b):  # stream: drop forms no later pair needs
-            if last_use[L] == k:
-                forms.pop(L, None)
+        return [dict(family=f, layer_a=a, layer_b=b, residual=v, null=nulls[f],
+                     rho=v / nulls[f] if nulls[f] > 0 else float("nan"),
+                     invariant=family_invariant(method, fa.sym, f), kind=family_kind(f))
+                for f, v in obs.items()]
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm.auto import tqdm
+
+    from .align import lap_pool
+
+    # Large MLP assignments run in worker processes, several pairs at a time; forms are read
+    # in pair order (one layer at a time from disk) and dropped after their last pair.
+    workers = _workers(reader.sym.d_ff, len(plist), method)
+    results: dict[int, list[dict]] = {}
+    bar = tqdm(total=len(plist), desc=f"drift {method}", unit="pair", disable=not progress, leave=False)
+    with lap_pool(workers), ThreadPoolExecutor(max(workers, 1)) as threads:
+        pending: dict = {}
+        for k in range(len(plist)):
+            for L in plist[k]:
+                form(L)  # read in order, in this thread
+            pending[threads.submit(compare_pair, k)] = k
+            while len(pending) >= max(workers, 1) or (k == len(plist) - 1 and pending):
+                done = next(iter(_as_completed(pending)))
+                kk = pending.pop(done)
+                results[kk] = done.result()
+                bar.update(1)
+                for L in list(forms):  # stream: forget a layer once all its pairs are done
+                    if all(j in results for j in uses[L]):
+                        forms.pop(L)
+    bar.close()
+    rows = [row for k in range(len(plist)) for row in results[k]]
     reader.ckpt.close()
     df = pd.DataFrame(rows)
     order = _family_order(list(dict.fromkeys(df["family"])))
@@ -143,6 +166,22 @@ def analyze(model: str | LayerReader, layers: Iterable[int] | None = None, pairs
         rho="residual / null (0: identical up to the removed gauge; 1: as different as unrelated)",
     )
     return AnalysisResult(df, meta)
+
+
+def _workers(d_ff: int, n_pairs: int, method: str) -> int:
+    """Concurrent comparisons: only worth it when each has a large assignment to wait on."""
+    import os
+
+    if method != "exact" or n_pairs < 2 or d_ff < 1024:
+        return 1
+    return max(1, min(os.cpu_count() or 1, 8, n_pairs * 2))
+
+
+def _as_completed(pending):
+    from concurrent.futures import FIRST_COMPLETED, wait
+
+    done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
+    return done
 
 
 _ORDER = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
