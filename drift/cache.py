@@ -8,6 +8,9 @@ decides the numbers::
                           their defaults filled in), except those that cannot change the
                           numbers' meaning: ``progress`` and ``device``
     drift version         a new release never serves an old release's numbers
+    drift code digest     SHA-256 of the package's numerical source files, so that editing
+                          the analysis in a development checkout (same version) does not
+                          serve numbers the new code would not produce
 
 Safety:
 
@@ -25,6 +28,7 @@ given to :class:`Cache`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import json
@@ -66,6 +70,20 @@ def _jsonable(v: Any) -> Any:
     if hasattr(v, "item") and callable(v.item) and getattr(v, "ndim", 1) == 0:  # numpy scalar
         return v.item()
     return str(v)  # torch.dtype -> "torch.float32"
+
+
+VIEW_MODULES = frozenset({"plots.py", "widgets.py", "cache.py"})
+"""Source files that cannot change a result (left out of the code digest)."""
+
+
+@functools.lru_cache(maxsize=1)
+def code_digest() -> str:
+    """SHA-256 (16 hex digits) of every ``drift/*.py`` that can change a result."""
+    h = hashlib.sha256()
+    for f in sorted(Path(__file__).parent.glob("*.py")):
+        if f.name not in VIEW_MODULES:
+            h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
 
 
 def _checksum(payload: dict[str, Any]) -> str:
@@ -111,7 +129,7 @@ class Cache:
     # ---------------------------------------------------------------- keys
     def key(self, model: Any, **kwargs: Any) -> dict[str, Any]:
         """The key of ``analyze(model, **kwargs)``: checkpoint identity, every argument that
-        can change the result (defaults filled in), drift version.
+        can change the result (defaults filled in), drift version and code digest.
 
         Raises:
             TypeError: an argument ``analyze`` does not take.
@@ -127,7 +145,8 @@ class Cache:
             identity = Checkpoint.open(model).identity()
         else:  # an open Checkpoint, or a LayerReader over one
             identity = getattr(model, "ckpt", model).identity()
-        return {"format": FORMAT, "identity": identity, "args": args, "drift": __version__}
+        return {"format": FORMAT, "identity": identity, "args": args, "drift": __version__,
+                "code": code_digest()}
 
     @staticmethod
     def digest(key: dict[str, Any]) -> str:

@@ -69,16 +69,24 @@ def _method(result: AnalysisResult) -> str:
     return METHOD_NAMES.get(result.method, str(result.method))
 
 
-def _context(result: AnalysisResult) -> str:
+def _pairs_text(result: AnalysisResult) -> str:
+    """Which pairs the table holds, read from the rows (``meta["pairs"]`` survives
+    ``.consecutive()`` unchanged, so it can say "all" for a consecutive subset)."""
+    d = result.df
+    if len(d) and bool((d["layer_b"] == d["layer_a"] + 1).all()):
+        return "consecutive pairs"
+    return f"{result.meta['pairs']} pairs" if result.meta.get("pairs") else f"{len(result.pairs)} pairs"
+
+
+def _context(result: AnalysisResult, pairs: str | None = None) -> str:
     """'model, pairs' for titles (method is named separately)."""
     parts = [str(result.meta["model"])] if result.meta.get("model") else []
-    if result.meta.get("pairs"):
-        parts.append(f"{result.meta['pairs']} pairs")
+    parts.append(pairs or _pairs_text(result))
     return ", ".join(parts)
 
 
-def _title(what: str, result: AnalysisResult) -> str:
-    ctx = _context(result)
+def _title(what: str, result: AnalysisResult, pairs: str | None = None) -> str:
+    ctx = _context(result, pairs)
     return f"{what}\nmethod: {_method(result)}" + (f" — {ctx}" if ctx else "")
 
 
@@ -337,7 +345,7 @@ def drift_along(result: AnalysisResult, families: Sequence[str] | None = None,
         ax.axhline(1.0, color="black", ls="--", lw=1.0, zorder=1, label="null: unrelated partner (ρ = 1)")
         ax.set_ylim(0, top)
         ax.set_ylabel(VALUE_LABELS["rho"], fontsize=9)
-        what = "ρ of consecutive layers"
+        what = "ρ along the depth"
     else:
         if one_band:
             xb = [xpos[(int(a), int(b))] for a, b in nb.index]
@@ -347,13 +355,13 @@ def drift_along(result: AnalysisResult, families: Sequence[str] | None = None,
             ax.plot([], [], color="black", ls="--", lw=1.0, label="null of each family (dashed)")
         ax.set_ylim(bottom=0)
         ax.set_ylabel("residual / null\n(unit-normalised Frobenius)", fontsize=9)
-        what = "residual vs null of consecutive layers"
+        what = "residual vs null along the depth"
     ax.set_xticks(range(len(pairs)), [_pair_label(*p) for p in pairs])
     if len(pairs) > 16:
         for k, lab in enumerate(ax.get_xticklabels()):
             lab.set_visible(k % math.ceil(len(pairs) / 16) == 0)
     ax.set_xlabel("layer pair")
-    ax.set_title(_title(what, result), fontsize=10)
+    ax.set_title(_title(what, result, pairs="consecutive pairs"), fontsize=10)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     ax.grid(axis="y", alpha=0.3)
     return ax
@@ -456,8 +464,10 @@ def compare_methods(results: Mapping[str, AnalysisResult], ax: "Axes | None" = N
         raise ValueError("compare_methods needs at least one result")
     labels = list(results)
     first = results[labels[0]]
+    # Rank by the exact method when it is there (the other methods' ranking is not meaningful).
+    ref = next((r for r in results.values() if r.method == "exact"), first)
     if families is None:
-        order = _stats(first, value).sort_values("mean").index
+        order = _stats(ref, value).sort_values("mean").index
         seen = list(order) + [f for r in results.values() for f in r.families if f not in order]
         fams = list(dict.fromkeys(seen))
     else:
@@ -484,7 +494,12 @@ def compare_methods(results: Mapping[str, AnalysisResult], ax: "Axes | None" = N
         ax.axhline(1.0, color="black", ls="--", lw=1.0, label="null (ρ = 1)")
     else:
         ax.axhline(math.sqrt(2), color="#999999", ls=":", lw=1.0, label="√2: orthogonal, nothing fitted")
-    ax.set_xticks(x, fams, rotation=35, ha="right")
+    # A family that only some methods produce (the circuits: exact only) says so.
+    ticks = []
+    for f in fams:
+        have = [results[lab].method for lab in labels if f in results[lab].families]
+        ticks.append(f if len(have) == len(labels) else f"{f}\n({', '.join(have)} only)")
+    ax.set_xticks(x, ticks, rotation=35, ha="right")
     ax.set_ylabel(f"mean {VALUE_LABELS[value]}", fontsize=8)
     ax.set_ylim(bottom=0)
     handles, names = ax.get_legend_handles_labels()

@@ -162,7 +162,21 @@ class Explorer:
 
         if self.result is None and self.auto:
             self.refresh()
-        display(self.widget)
+        # The widget, with a readable plain-text fallback for renderers without widget state
+        # (GitHub, nbviewer, HTML exports): the widget's own fallback is a long repr.
+        bundle = self.widget._repr_mimebundle_()
+        bundle["text/plain"] = (f"[drift Explorer: interactive; run the notebook to use it. "
+                                f"Last view: {self.describe()}]")
+        display(bundle, raw=True)
+
+    def describe(self) -> str:
+        """One line: the current settings and where the last result came from."""
+        s = self.settings()
+        lo, hi = s["block"]
+        text = f"{s['model']}, layers {lo}–{hi}, method {s['method']}, {s['pairs']} pairs"
+        if self.from_cache is not None:
+            text += ", from the cache" if self.from_cache else ", computed"
+        return text
 
     def __repr__(self) -> str:
         return f"Explorer({self.settings()})"

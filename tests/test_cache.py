@@ -92,6 +92,19 @@ def test_new_drift_version_misses(cache, fake, ckpt, monkeypatch):
     assert not hit and fake.calls == 2
 
 
+def test_edited_numerical_code_misses(cache, fake, ckpt, monkeypatch):
+    cache.get_or_compute(ckpt)
+    monkeypatch.setattr(dcache, "code_digest", lambda: "edited")
+    _, hit = cache.get_or_compute(ckpt)
+    assert not hit and fake.calls == 2
+
+
+def test_code_digest_ignores_the_view_modules():
+    names = {p.name for p in Path(dcache.__file__).parent.glob("*.py")}
+    assert {"analysis.py", "result.py"} <= names - dcache.VIEW_MODULES
+    assert "plots.py" in dcache.VIEW_MODULES and len(dcache.code_digest()) == 16
+
+
 def test_changed_checkpoint_misses(tmp_path, cache, fake, ckpt):
     import shutil
 

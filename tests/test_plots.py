@@ -194,6 +194,13 @@ def test_drift_along_needs_consecutive_pairs():
 def test_drift_along_uses_consecutive_rows_of_all_pairs(allp):
     ax = plots.drift_along(allp, families=["q_proj"])
     assert len(ax.get_xticklabels()) == 5
+    assert "consecutive pairs" in ax.get_title() and "all pairs" not in ax.get_title()
+
+
+def test_titles_read_the_pairs_from_the_rows(allp):
+    assert "all pairs" in plots.ranking(allp).get_title()
+    title = plots.ranking(allp.consecutive()).get_title()  # meta still says "all"
+    assert "consecutive pairs" in title and "all pairs" not in title
 
 
 # --------------------------------------------------------------------------- ranking
@@ -250,6 +257,11 @@ def test_compare_methods_one_bar_group_per_method_with_nulls(three):
     title = ax.get_title()
     for m in ("raw", "rotation", "exact"):
         assert plots.METHOD_NAMES[m] in title
+    ticks = [t.get_text() for t in ax.get_xticklabels()]
+    assert "qk_circuit\n(exact only)" in ticks and "q_proj" in ticks
+    # ranked by the exact result, whatever the dict order
+    exact_order = list(three["exact"].summary("residual").index)
+    assert [t.split("\n")[0] for t in ticks] == [f for f in exact_order]
 
 
 def test_compare_methods_rho(three):
