@@ -174,7 +174,7 @@ def _workers(d_ff: int, n_pairs: int, method: str) -> int:
 
     if method != "exact" or n_pairs < 2 or d_ff < 1024:
         return 1
-    return max(1, min(os.cpu_count() or 1, 8, n_pairs * 2))
+    return max(1, min(os.cpu_count() or 1, n_pairs))
 
 
 def _as_completed(pending):

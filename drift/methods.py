@@ -337,9 +337,10 @@ def _fit_qk(Qa: Tensor, Ka: Tensor, fa: Form, fb: Form) -> tuple[Tensor, Tensor,
             sign = torch.sign((c * rot).real)
             sign = torch.where(sign == 0, torch.ones_like(sign), sign)
             phase = rot[None, :] * sign  # (nkv, m)
+            it, jt = i[t.cpu()], j[t.cpu()]  # pair indices live on the CPU
             for name in ("q_norm", "k_norm"):
                 g = fa.gains[name].clone()
-                g[i[t]], g[j[t]] = fa.gains[name][j[t]], fa.gains[name][i[t]]
+                g[it], g[jt] = fa.gains[name][jt], fa.gains[name][it]
                 gains[name] = g
         else:
             phase = c.conj() / c.abs().clamp_min(EPS)  # e^{iα} = conj(c)/|c|
