@@ -78,9 +78,20 @@ def _pairs_text(result: AnalysisResult) -> str:
     return f"{result.meta['pairs']} pairs" if result.meta.get("pairs") else f"{len(result.pairs)} pairs"
 
 
+def _model_name(result: AnalysisResult) -> str | None:
+    """The model as titles name it: a local folder by its last component (a temporary
+    folder's full path is noise), a bundled name or an HF repo id as is."""
+    model = result.meta.get("model")
+    if not model:
+        return None
+    model = str(model)
+    return Path(model).name or model if model.startswith(("/", ".", "~")) else model
+
+
 def _context(result: AnalysisResult, pairs: str | None = None) -> str:
     """'model, pairs' for titles (method is named separately)."""
-    parts = [str(result.meta["model"])] if result.meta.get("model") else []
+    name = _model_name(result)
+    parts = [name] if name else []
     parts.append(pairs or _pairs_text(result))
     return ", ".join(parts)
 
@@ -411,9 +422,12 @@ def ranking(result: AnalysisResult, ax: "Axes | None" = None, value: str = "rho"
         if not inv:
             bar.set_hatch("///")
             bar.set_edgecolor("white")
+    from matplotlib import patheffects
+
+    outline = [patheffects.withStroke(linewidth=2, foreground="#333333")]  # readable on hatching
     for yi, mean in enumerate(s["mean"]):  # the value inside the bar, clear of whiskers and the null line
         ax.text(0.01, yi, f"{mean:.3f}", transform=ax.get_yaxis_transform(), va="center",
-                fontsize=7, color="white", fontweight="bold")
+                fontsize=7, color="white", fontweight="bold", path_effects=outline)
     labels = [f + ("" if inv else " *") for f, inv in zip(s.index, s["invariant"])]
     ax.set_yticks(y, labels)
     ax.invert_yaxis()  # least variation on top
@@ -476,6 +490,8 @@ def compare_methods(results: Mapping[str, AnalysisResult], ax: "Axes | None" = N
     width = 0.8 / len(labels)
     x = np.arange(len(fams))
     null_drawn = False
+    tops = [float(r.df[value].max()) for r in results.values()]
+    tiny = 0.015 * max(tops + [1.0 if value == "rho" else math.sqrt(2)])
     for k, lab in enumerate(labels):
         r = results[lab]
         s = _stats(r, value).reindex(fams)
@@ -486,6 +502,10 @@ def compare_methods(results: Mapping[str, AnalysisResult], ax: "Axes | None" = N
         err = np.vstack([s["mean"] - s["min"], s["max"] - s["mean"]])[:, ok]
         ax.bar(xs[ok], s["mean"][ok], width=width * 0.92, color=color, label=METHOD_NAMES.get(name, name),
                yerr=err, error_kw=dict(ecolor="#333333", lw=0.8, capsize=2))
+        for xi, m in zip(xs[ok], s["mean"][ok]):
+            if m < tiny:  # a bar too short to see is not a missing bar: say its value
+                ax.text(xi, tiny, f"{m:.2f}", ha="center", va="bottom", fontsize=6, rotation=90,
+                        color=color, fontweight="bold")
         if value == "residual":
             ax.hlines(s["null"][ok], xs[ok] - width * 0.46, xs[ok] + width * 0.46, colors="black",
                       lw=2.0, label=None if null_drawn else "its null (unrelated partner)")
@@ -494,12 +514,20 @@ def compare_methods(results: Mapping[str, AnalysisResult], ax: "Axes | None" = N
         ax.axhline(1.0, color="black", ls="--", lw=1.0, label="null (ρ = 1)")
     else:
         ax.axhline(math.sqrt(2), color="#999999", ls=":", lw=1.0, label="√2: orthogonal, nothing fitted")
-    # A family that only some methods produce (the circuits: exact only) says so.
+    # A family that only some methods produce (the circuits: exact only) says so; a family
+    # that is not gauge-invariant even under the reference (exact) method is starred.
     ticks = []
+    starred = False
     for f in fams:
         have = [results[lab].method for lab in labels if f in results[lab].families]
-        ticks.append(f if len(have) == len(labels) else f"{f}\n({', '.join(have)} only)")
+        star = f in ref.families and not _invariant(ref, f)
+        starred |= star
+        name = f + (" *" if star else "")
+        ticks.append(name if len(have) == len(labels) else f"{name}\n({', '.join(have)} only)")
     ax.set_xticks(x, ticks, rotation=35, ha="right")
+    if starred:
+        ax.text(1.01, 0.0, f"* not gauge-invariant,\n  even under {METHOD_NAMES.get(ref.method, ref.method)}",
+                transform=ax.transAxes, fontsize=7, va="bottom")
     ax.set_ylabel(f"mean {VALUE_LABELS[value]}", fontsize=8)
     ax.set_ylim(bottom=0)
     handles, names = ax.get_legend_handles_labels()
