@@ -222,7 +222,8 @@ def heatmap(result: AnalysisResult, family: str, value: str = "rho", ax: "Axes |
 
     Cells that were not computed (e.g. non-neighbours under ``pairs="consecutive"``) and the
     diagonal (a layer against itself) are grey. The colour bar is labelled with what it
-    shows; for ρ it always reaches 1 so that "as different as unrelated" has a colour.
+    shows and starts at 0; its top is "as different as unrelated" (ρ = 1, or for residuals
+    the family's largest null), so that colour means the same verdict in every heatmap.
 
     Args:
         result: the analysis.

@@ -136,12 +136,15 @@ class Explorer:
                             continuous_update=False, layout=W.Layout(width="340px"))
         self._block = W.IntRangeSlider(value=(0, 1), min=0, max=1, description="block",
                                        continuous_update=False, layout=W.Layout(width="560px"))
-        self._method = W.ToggleButtons(options=METHODS, value=method, description="method",
+        self._method = W.ToggleButtons(options=METHODS, value=_choice(method, METHODS, "method"),
+                                       description="method",
                                        tooltips=["exact gauge group of the architecture",
                                                  "the reference script's rotations (approximate)",
                                                  "no alignment"])
-        self._pairs = W.ToggleButtons(options=PAIRS, value=pairs, description="pairs")
-        self._value = W.ToggleButtons(options=VALUES, value=value, description="heatmaps")
+        self._pairs = W.ToggleButtons(options=PAIRS, value=_choice(pairs, PAIRS, "pairs"),
+                                      description="pairs")
+        self._value = W.ToggleButtons(options=VALUES, value=_choice(value, [v for _, v in VALUES], "value"),
+                                      description="heatmaps")
         self._families = W.SelectMultiple(options=[], rows=6, description="families")
         self._status = W.HTML()
         self.output = W.Output()
@@ -264,6 +267,8 @@ class Explorer:
         if change["owner"] in (self._model, self._path):
             self._hold = True
             try:
+                if change["owner"] is self._model:  # picking from the list overrides the text box
+                    self._path.value = ""
                 self._update_slider()
             finally:
                 self._hold = False

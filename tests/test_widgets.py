@@ -262,6 +262,22 @@ def test_model_outside_the_picker_goes_into_the_text_box(llama, cache):
     assert ex._block.max == 5
 
 
+def test_picking_from_the_list_overrides_the_text_box(llama, cache, monkeypatch):
+    import drift.widgets as dw
+
+    monkeypatch.setattr(dw, "available_models", lambda: ["minilm", str(llama)])
+    ex = Explorer(model="minilm", cache=cache, progress=False, auto=False)
+    ex._path.value = "/somewhere/else"
+    assert ex.model == "/somewhere/else"
+    ex._model.value = str(llama)  # the user picks from the list
+    assert ex._path.value == "" and ex.model == str(llama) and ex._block.max == 2
+
+
+def test_bad_choices_at_construction(llama, cache):
+    with pytest.raises(ValueError, match="method must be one of"):
+        Explorer(model=str(llama), cache=cache, method="procrustes")
+
+
 def test_widget_tree_is_displayable(llama, cache):
     ex = _explorer(llama, cache)
     import ipywidgets as W
