@@ -60,7 +60,7 @@ class AnalysisResult:
     def consecutive(self) -> "AnalysisResult":
         """Only the rows with layer_b == layer_a + 1."""
         df = self.df[self.df["layer_b"] == self.df["layer_a"] + 1].reset_index(drop=True)
-        return AnalysisResult(df, dict(self.meta))
+        return AnalysisResult(df, {**self.meta, "pairs": "consecutive"})
 
     def summary(self, by: str = "residual") -> pd.DataFrame:
         """Per-family mean/min/max/std/n of ``by`` (and mean null, mean rho), ranked by mean

@@ -135,7 +135,7 @@ def test_pairs_layout_and_json_round_trip(unrelated, tmp_path):
     np.testing.assert_allclose(back.df["rho"], r.df["rho"])
     assert back.meta["method"] == "exact"
     c = r.consecutive()
-    assert c.pairs == [(0, 1)]
+    assert c.pairs == [(0, 1)] and c.meta["pairs"] == "consecutive"
 
 
 def test_summary_is_ranked_and_complete(unrelated):
