@@ -129,9 +129,11 @@ POOL_MIN_SIZE = 1024
 
 class lap_pool:
     """Context manager: run large assignments (``n ≥ POOL_MIN_SIZE``) in ``workers`` forked
-    processes, so that several layer pairs' MLP matchings proceed at once. scipy's
-    ``linear_sum_assignment`` holds the GIL, so threads alone cannot overlap it. Workers only
-    run scipy (no torch, no CUDA), which keeps fork safe. ``workers <= 1`` does nothing."""
+    processes, so that several layer pairs' MLP matchings proceed at once while the calling
+    thread prepares the next comparison. scipy's ``linear_sum_assignment`` holds the GIL, and
+    concurrent torch calls from several threads oversubscribe the CPU's OpenMP pool, so the
+    parallelism is processes, driven from one thread. Workers only run scipy (no torch, no
+    CUDA), which keeps fork safe. ``workers <= 1`` does nothing."""
 
     def __init__(self, workers: int):
         self.workers = workers
@@ -155,20 +157,33 @@ class lap_pool:
             _POOL = None
 
 
+def _as_numpy(cost: np.ndarray | Tensor) -> np.ndarray:
+    if isinstance(cost, Tensor):
+        c = cost.detach().cpu()
+        return (c if c.dtype in (torch.float32, torch.float64) else c.double()).numpy()
+    return np.asarray(cost, float)
+
+
+def lap_submit(cost: np.ndarray | Tensor, maximize: bool = False):
+    """A future of :func:`lap`: solved in a worker process inside :class:`lap_pool` (for
+    problems of at least ``POOL_MIN_SIZE``), else solved now."""
+    from concurrent.futures import Future
+
+    c = _as_numpy(cost)
+    if _POOL is not None and min(c.shape) >= POOL_MIN_SIZE:
+        return _POOL.submit(_lap_cols, c, maximize)
+    done: Future = Future()
+    done.set_result(_lap_cols(c, maximize))
+    return done
+
+
 def lap(cost: np.ndarray | Tensor, maximize: bool = False) -> np.ndarray:
     """``col[i]``: the column assigned to row i by ``scipy.optimize.linear_sum_assignment``.
 
     Inside :class:`lap_pool`, large problems run in a worker process (the calling thread
     waits without holding the GIL); float32 costs are shipped as float32 to halve the copy.
     """
-    if isinstance(cost, Tensor):
-        c = cost.detach().cpu()
-        c = (c if c.dtype in (torch.float32, torch.float64) else c.double()).numpy()
-    else:
-        c = np.asarray(cost, float)
-    if _POOL is not None and min(c.shape) >= POOL_MIN_SIZE:
-        return _POOL.submit(_lap_cols, c, maximize).result()
-    return _lap_cols(c, maximize)
+    return lap_submit(cost, maximize).result()
 
 
 def match_heads(cost: Tensor, n_kv: int) -> np.ndarray:

@@ -13,7 +13,7 @@ from . import __version__
 from .align import random_orthogonal
 from .canonical import LayerReader, open_layers
 from .errors import DriftError, LayerIndexError
-from .methods import METHOD_FNS, METHODS, family_invariant, family_kind
+from .methods import METHOD_FNS, METHOD_STEPS, METHODS, family_invariant, family_kind
 from .result import AnalysisResult
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ def analyze(model: str | LayerReader, layers: Iterable[int] | None = None, pairs
     if len(layers) < 2:
         raise DriftError(f"need at least two layers to compare, got {layers}")
     plist = layer_pairs(layers, pairs)
-    form_fn, compare_fn = METHOD_FNS[method]
+    form_fn = METHOD_FNS[method][0]
 
     forms: dict[int, object] = {}
     uses = {L: [k for k, p in enumerate(plist) if L in p] for L in layers}
@@ -104,47 +104,76 @@ def analyze(model: str | LayerReader, layers: Iterable[int] | None = None, pairs
     rotations = [random_orthogonal(reader.sym.d_model, gen, tdtype).to(dev) for _ in range(n_null)]
     null_gens = [torch.Generator().manual_seed(int(seed) * 1000 + k) for k in range(len(plist))]
 
-    def compare_pair(k: int) -> list[dict]:
-        a, b = plist[k]
-        fa, fb = form(a), form(b)
-        obs = compare_fn(fa, fb)
-        nulls: dict[str, float] = {f: 0.0 for f in obs}
-        for R in rotations:
-            fn = fb.rotate_residual(R).shuffle_gains(null_gens[k])
-            for f, v in compare_fn(fa, fn).items():
-                nulls[f] += v / n_null
-        return [dict(family=f, layer_a=a, layer_b=b, residual=v, null=nulls[f],
-                     rho=v / nulls[f] if nulls[f] > 0 else float("nan"),
-                     invariant=family_invariant(method, fa.sym, f), kind=family_kind(f))
-                for f, v in obs.items()]
-
-    from concurrent.futures import ThreadPoolExecutor
-
     from tqdm.auto import tqdm
 
-    from .align import lap_pool
+    from .align import lap_pool, lap_submit
 
-    # Large MLP assignments run in worker processes, several pairs at a time; forms are read
-    # in pair order (one layer at a time from disk) and dropped after their last pair.
-    workers = _workers(reader.sym.d_ff, len(plist), method)
-    results: dict[int, list[dict]] = {}
+    # Each pair is one observed comparison plus n_null null ones. A comparison is a generator
+    # that yields its large assignment problem (exact: the MLP units); the assignments run in
+    # worker processes while this thread reads the next layers and prepares the next
+    # comparisons, at most `workers` in flight. Layers are read in pair order and a layer's
+    # form is dropped once every comparison that uses it has finished.
+    steps_fn = METHOD_STEPS[method]
+    workers = _workers(reader.sym.d_ff, len(plist) * (1 + n_null), method)
+    obs: dict[int, dict[str, float]] = {}
+    null_sum: dict[int, dict[str, float]] = {}
+    left = {k: 1 + n_null for k in range(len(plist))}  # comparisons not yet finished, per pair
     bar = tqdm(total=len(plist), desc=f"drift {method}", unit="pair", disable=not progress, leave=False)
-    with lap_pool(workers), ThreadPoolExecutor(max(workers, 1)) as threads:
-        pending: dict = {}
-        for k in range(len(plist)):
-            for L in plist[k]:
-                form(L)  # read in order, in this thread
-            pending[threads.submit(compare_pair, k)] = k
-            while len(pending) >= max(workers, 1) or (k == len(plist) - 1 and pending):
-                done = next(iter(_as_completed(pending)))
-                kk = pending.pop(done)
-                results[kk] = done.result()
-                bar.update(1)
-                for L in list(forms):  # stream: forget a layer once all its pairs are done
-                    if all(j in results for j in uses[L]):
-                        forms.pop(L)
+
+    def finished(task: tuple[int, int], values: dict[str, float]) -> None:
+        k, j = task
+        if j == 0:
+            obs[k] = values
+        else:
+            acc = null_sum.setdefault(k, {})
+            for f, v in values.items():
+                acc[f] = acc.get(f, 0.0) + v / n_null
+        left[k] -= 1
+        if left[k] == 0:
+            bar.update(1)
+            for L in list(forms):
+                if all(left[i] == 0 for i in uses[L]):
+                    forms.pop(L)
+
+    def start(task: tuple[int, int]):
+        k, j = task
+        a, b = plist[k]
+        fa, fb = form(a), form(b)
+        if j:
+            fb = fb.rotate_residual(rotations[j - 1]).shuffle_gains(null_gens[k])
+        gen = steps_fn(fa, fb)
+        try:
+            return gen, lap_submit(next(gen), maximize=True)
+        except StopIteration as stop:
+            finished(task, stop.value)
+            return None
+
+    from collections import deque
+
+    inflight: deque = deque()
+
+    def finish_oldest() -> None:
+        task, gen, fut = inflight.popleft()
+        try:
+            cost = gen.send(fut.result())
+            raise AssertionError(f"comparison yielded a second assignment ({tuple(cost.shape)})")
+        except StopIteration as stop:
+            finished(task, stop.value)
+
+    with lap_pool(workers):
+        for task in ((k, j) for k in range(len(plist)) for j in range(1 + n_null)):
+            started = start(task)
+            if started is not None:
+                inflight.append((task, *started))
+            while len(inflight) >= max(workers, 1):
+                finish_oldest()
+        while inflight:
+            finish_oldest()
     bar.close()
-    rows = [row for k in range(len(plist)) for row in results[k]]
+    rows = [dict(family=f, layer_a=a, layer_b=b, residual=v, null=null_sum[k][f],
+                 rho=v / null_sum[k][f] if null_sum[k][f] > 0 else float("nan"),
+                 invariant=family_invariant(method, reader.sym, f), kind=family_kind(f))
+            for k, (a, b) in enumerate(plist) for f, v in obs[k].items()]
     reader.ckpt.close()
     df = pd.DataFrame(rows)
     order = _family_order(list(dict.fromkeys(df["family"])))
@@ -168,20 +197,15 @@ def analyze(model: str | LayerReader, layers: Iterable[int] | None = None, pairs
     return AnalysisResult(df, meta)
 
 
-def _workers(d_ff: int, n_pairs: int, method: str) -> int:
-    """Concurrent comparisons: only worth it when each has a large assignment to wait on."""
+def _workers(d_ff: int, n_tasks: int, method: str) -> int:
+    """Assignment worker processes: only worth starting when there are large assignments."""
     import os
 
-    if method != "exact" or n_pairs < 2 or d_ff < 1024:
+    from .align import POOL_MIN_SIZE
+
+    if method != "exact" or n_tasks < 2 or d_ff < POOL_MIN_SIZE:
         return 1
-    return max(1, min(os.cpu_count() or 1, n_pairs))
-
-
-def _as_completed(pending):
-    from concurrent.futures import FIRST_COMPLETED, wait
-
-    done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
-    return done
+    return max(1, min(os.cpu_count() or 1, n_tasks))
 
 
 _ORDER = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",

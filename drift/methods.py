@@ -356,12 +356,14 @@ def _fit_qk(Qa: Tensor, Ka: Tensor, fa: Form, fb: Form) -> tuple[Tensor, Tensor,
     return Qa, Ka, gains
 
 
-def _mlp_match(fa: Form, fb: Form, glu: bool) -> tuple[np.ndarray, Tensor]:
-    """One LAP on the unit similarity (gauge-spec §4.6). Returns (sigma, sign) with B's unit j
-    matched to A's unit sigma[j] with sign[j]."""
+def _mlp_match_steps(fa: Form, fb: Form, glu: bool):
+    """One LAP on the unit similarity (gauge-spec §4.6), as a generator: it yields the
+    (F_b, F_a) similarity to be *maximised* and receives the assignment; returns
+    (sigma, sign) with B's unit j matched to A's unit sigma[j] with sign[j]."""
     inner = fa.U @ fb.U.T + fa.D.T @ fb.D  # (F_a, F_b)
     C = (fa.G @ fb.G.T + inner.abs()) if glu else inner
-    sigma = lap(C.T, maximize=True)  # for each B unit, the A unit
+    sigma = yield C.T  # for each B unit, the A unit
+    del C
     sigma_t = torch.as_tensor(sigma, device=inner.device)
     if glu:
         sign = torch.sign(inner[sigma_t, torch.arange(len(sigma), device=inner.device)])
@@ -371,13 +373,31 @@ def _mlp_match(fa: Form, fb: Form, glu: bool) -> tuple[np.ndarray, Tensor]:
     return sigma, sign
 
 
+def run_steps(gen) -> dict[str, float]:
+    """Drive a comparison generator to the end, solving each yielded assignment in place."""
+    try:
+        cost = next(gen)
+        while True:
+            cost = gen.send(lap(cost, maximize=True))
+    except StopIteration as stop:
+        return stop.value
+
+
 def exact_compare(fa: Form, fb: Form, details: dict | None = None) -> dict[str, float]:
     """Per-family residuals of layer A aligned onto layer B under the exact group.
 
     ``details``, if given, receives ``head_perm`` and ``mlp_perm`` (B's head/unit j is matched
     to A's ``perm[j]``) and ``mlp_sign``.
     """
+    return run_steps(exact_compare_steps(fa, fb, details))
+
+
+def exact_compare_steps(fa: Form, fb: Form, details: dict | None = None):
+    """:func:`exact_compare` as a generator that yields its one large assignment problem
+    (the MLP units) first, so that a driver can solve it elsewhere while it prepares the next
+    comparison (see :func:`drift.analysis.analyze`)."""
     s = fa.sym
+    sigma, sign = yield from _mlp_match_steps(fa, fb, s.is_glu)
     qk = _qk_form_cost(fa, fb)
     ov = _ov_cost(fa, fb)
     perm = match_heads(qk + ov, s.n_kv_heads)  # perm[h_b] = h_a
@@ -396,7 +416,6 @@ def exact_compare(fa: Form, fb: Form, details: dict | None = None) -> dict[str, 
     out.update(q_proj=float((Qa - fb.Q).norm()), k_proj=float((Ka - fb.K).norm()),
                v_proj=float((Va - fb.V).norm()), o_proj=float((Oa - fb.O).norm()))
 
-    sigma, sign = _mlp_match(fa, fb, s.is_glu)
     if details is not None:
         details.update(head_perm=perm, mlp_perm=sigma, mlp_sign=sign.cpu().numpy())
     sg = torch.as_tensor(sigma, device=fa.U.device)
@@ -456,11 +475,28 @@ def rotation_compare(fa: Form, fb: Form, fit: bool = True) -> dict[str, float]:
 FormFn = Callable[[CanonicalLayer], Form]
 CompareFn = Callable[[Form, Form], dict[str, float]]
 
+def _no_assignment(fn: CompareFn) -> Callable:
+    """A comparison without assignment problems, as a generator that yields nothing."""
+    def steps(fa: Form, fb: Form):
+        return fn(fa, fb)
+        yield  # noqa: unreachable - makes this a generator
+
+    return steps
+
+
 METHOD_FNS: dict[str, tuple[FormFn, CompareFn]] = {
     "exact": (exact_form, exact_compare),
     "rotation": (lambda L: rotation_form(L, "rotation"), rotation_compare),
     "raw": (lambda L: rotation_form(L, "raw"), lambda a, b: rotation_compare(a, b, fit=False)),
 }
+"""method -> (per-layer form, per-pair comparison returning {family: residual})."""
+
+METHOD_STEPS: dict[str, Callable] = {
+    "exact": exact_compare_steps,
+    "rotation": _no_assignment(rotation_compare),
+    "raw": _no_assignment(lambda a, b: rotation_compare(a, b, fit=False)),
+}
+"""method -> comparison as a generator that yields its assignment problems (see run_steps)."""
 
 
 def family_kind(family: str) -> str:
