@@ -72,9 +72,9 @@ class Form:
         def rd(W: Tensor | None) -> Tensor | None:
             if W is None:
                 return None
-            out = W.clone()
-            out[..., :H] = W[..., :H] @ R.T
-            return out
+            if W.shape[-1] == H:
+                return W @ R.T
+            return torch.cat([W[..., :H] @ R.T, W[..., H:]], dim=-1)  # bias column stays
 
         return replace(self, Q=rd(self.Q), K=rd(self.K), V=rd(self.V), G=rd(self.G), U=rd(self.U),
                        O=R @ self.O, D=R @ self.D)
@@ -360,8 +360,13 @@ def _mlp_match_steps(fa: Form, fb: Form, glu: bool):
     """One LAP on the unit similarity (gauge-spec §4.6), as a generator: it yields the
     (F_b, F_a) similarity to be *maximised* and receives the assignment; returns
     (sigma, sign) with B's unit j matched to A's unit sigma[j] with sign[j]."""
-    inner = fa.U @ fb.U.T + fa.D.T @ fb.D  # (F_a, F_b)
-    C = (fa.G @ fb.G.T + inner.abs()) if glu else inner
+    inner = fa.U @ fb.U.T  # (F_a, F_b)
+    inner.addmm_(fa.D.T, fb.D)
+    if glu:
+        C = fa.G @ fb.G.T
+        C += inner.abs()
+    else:
+        C = inner
     sigma = yield C.T  # for each B unit, the A unit
     del C
     sigma_t = torch.as_tensor(sigma, device=inner.device)
