@@ -53,17 +53,19 @@ GiB = 2**30
 # --------------------------------------------------------------------------- measuring
 
 def measure(cmd: list[str], log_path: Path, *, env: dict[str, str], cwd: Path,
-            timeout: float | None) -> dict:
+            timeout: float | None, poll: float = 0.2) -> dict:
     """Run ``cmd`` under ``measure_child.py``; return its exit code, wall/CPU time and peak RSS.
 
     stdout and stderr go to ``log_path``. ``peak_rss_bytes`` is the child's ``ru_maxrss``
     (see ``measure_child.py`` for why a fresh wrapper per run). It counts every resident
     page, file-backed ones included: pages of an mmap'd safetensors shard that the child
-    touched count, even though the kernel could drop them. ``others_cpu_s`` is the CPU time
+    touched count, even though the kernel could drop them. ``tree_peak_pss_bytes`` is the
+    largest summed PSS of the child and its descendants, sampled every ``poll`` s (the
+    footprint when the child runs workers concurrently). ``others_cpu_s`` is the CPU time
     that other processes used meanwhile.
     """
     wrapper = [sys.executable, "-S", str(HERE / "measure_child.py"), "--log", str(log_path),
-               "--timeout", str(timeout or 0), "--"]
+               "--timeout", str(timeout or 0), "--poll", str(poll), "--"]
     busy0 = cpu_busy_s()
     p = subprocess.run(wrapper + cmd, env=env, cwd=cwd, capture_output=True, text=True)
     busy1 = cpu_busy_s()
@@ -110,7 +112,7 @@ def tail(path: Path, n: int = 15) -> str:
         return ""
 
 
-def warm_cache(folder: Path) -> float:
+def warm_cache(folder: Path) -> int:
     """Read every file in ``folder`` once (into the page cache); return the bytes read."""
     total = 0
     for f in sorted(folder.iterdir()):
@@ -175,25 +177,40 @@ def reference_peak_estimate(n_params: int) -> int:
 
 # --------------------------------------------------------------------------- report
 
+CLEAN = 0.25  # a run is "clean" when other processes used under this many cores meanwhile
+
+
 def summarize(runs: list[dict]) -> list[dict]:
-    """One row per tool/method: median wall and CPU time, max peak RSS, ratios to the reference."""
+    """One row per tool/method: median wall and CPU time, max peak memory, ratios to the reference.
+
+    Times are medians over the *clean* successful runs (others used < ``CLEAN`` cores) when
+    there are any, else over all successful runs; memory is the max over all successful runs
+    (it does not depend on contention).
+    """
     rows: list[dict] = []
     for name in dict.fromkeys(r["name"] for r in runs):
         rs = [r for r in runs if r["name"] == name]
         ok = [r for r in rs if r["rc"] == 0]
-        row = {"name": name, "kind": rs[0]["kind"], "method": rs[0]["method"], "n": len(rs), "n_ok": len(ok),
-               "rc": [r["rc"] for r in rs]}
+        clean = [r for r in ok if (r.get("others_cores") or 0.0) < CLEAN]
+        timed = clean or ok
+        row = {"name": name, "kind": rs[0]["kind"], "method": rs[0]["method"], "n": len(rs),
+               "n_ok": len(ok), "n_clean": len(clean), "rc": [r["rc"] for r in rs]}
         if ok:
-            row["wall_s"] = statistics.median(r["wall_s"] for r in ok)
-            row["cpu_s"] = statistics.median(r["cpu_user_s"] + r["cpu_sys_s"] for r in ok)
+            row["wall_s"] = statistics.median(r["wall_s"] for r in timed)
+            row["cpu_s"] = statistics.median(r["cpu_user_s"] + r["cpu_sys_s"] for r in timed)
+            row["others_cores"] = max((r.get("others_cores") or 0.0) for r in timed)
             row["peak_rss_bytes"] = max(r["peak_rss_bytes"] for r in ok)
-            row["others_cores"] = max((r.get("others_cores") or 0.0) for r in ok)
+            pss = [r["tree_peak_pss_bytes"] for r in ok if r.get("tree_peak_pss_bytes")]
+            row["tree_peak_pss_bytes"] = max(pss) if pss else None
+            row["tree_max_procs"] = max((r.get("tree_max_procs") or 0) for r in ok)
         rows.append(row)
     ref = next((r for r in rows if r["name"] == "reference" and "wall_s" in r), None)
     for row in rows:
         if ref is not None and "wall_s" in row and row["kind"] != "floor":
             row["wall_ratio"] = row["wall_s"] / ref["wall_s"]
             row["rss_ratio"] = row["peak_rss_bytes"] / ref["peak_rss_bytes"]
+            if row["tree_peak_pss_bytes"] and ref["tree_peak_pss_bytes"]:
+                row["pss_ratio"] = row["tree_peak_pss_bytes"] / ref["tree_peak_pss_bytes"]
     return rows
 
 
@@ -204,24 +221,32 @@ def markdown(meta: dict, rows: list[dict], skipped: dict[str, str]) -> str:
         f"{m['block_start']}..{m['block_end']} ({m['n_pairs']} {m['pairs']} pair(s) for drift; "
         f"the reference always does {m['block_end'] - m['block_start']} consecutive pair(s)), "
         f"drift device `{m['device']}`; {m['cpu_count']} cores, {m['mem_total_gib']:.0f} GiB RAM; "
-        f"median of {m['repeat']} run(s).",
+        f"{m['repeat']} run(s) each: times are medians over the clean runs (others' cores "
+        f"< {CLEAN}) when there are any, memory the max over all.",
         "",
-        "| run | wall s | CPU s | peak RSS GiB | wall ÷ ref | RSS ÷ ref | others' cores | exit |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
+        "| run | wall s | CPU s | peak RSS GiB | tree PSS GiB (procs) | wall ÷ ref | RSS ÷ ref "
+        "| PSS ÷ ref | others' cores | clean | exit |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
+    dash = " – |" * 9
     for r in rows:
-        if "wall_s" in r:
-            ratio = (f"{r['wall_ratio']:.2f} | {r['rss_ratio']:.2f}" if "wall_ratio" in r else "– | –")
-            lines.append(f"| {r['name']} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | "
-                         f"{r['peak_rss_bytes'] / GiB:.2f} | {ratio} | {r['others_cores']:.2f} | "
-                         f"{','.join(map(str, r['rc']))} |")
-        else:
-            lines.append(f"| {r['name']} | – | – | – | – | – | – | failed: {','.join(map(str, r['rc']))} |")
+        rc = ",".join(map(str, r["rc"]))
+        if "wall_s" not in r:
+            lines.append(f"| {r['name']} |{dash} failed: {rc} |")
+            continue
+        pss = (f"{r['tree_peak_pss_bytes'] / GiB:.2f} ({r['tree_max_procs']})"
+               if r["tree_peak_pss_bytes"] else "–")
+        ratios = " | ".join(f"{r[k]:.2f}" if k in r else "–"
+                            for k in ("wall_ratio", "rss_ratio", "pss_ratio"))
+        lines.append(f"| {r['name']} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | "
+                     f"{r['peak_rss_bytes'] / GiB:.2f} | {pss} | {ratios} | {r['others_cores']:.2f} | "
+                     f"{r['n_clean']}/{r['n']} | {rc} |")
     for what, why in skipped.items():
-        lines.append(f"| {what} | – | – | – | – | – | – | skipped: {why} |")
-    if any(r.get("others_cores", 0) >= 0.25 for r in rows if r["kind"] != "floor"):
-        lines += ["", "**Warning:** other processes used ≥ 0.25 cores during some runs "
-                      "(column *others' cores*, the worst run); their wall times are inflated."]
+        lines.append(f"| {what} |{dash} skipped: {why} |")
+    if any(r.get("others_cores", 0) >= CLEAN for r in rows if r["kind"] != "floor"):
+        lines += ["", f"**Warning:** no clean run for some rows: other processes used ≥ {CLEAN} "
+                      "cores meanwhile (column *others' cores*, the worst timed run), so their "
+                      "times are inflated. Rerun with a larger --repeat or --idle-wait."]
     return "\n".join(lines) + "\n"
 
 
@@ -276,13 +301,22 @@ def main(argv: list[str] | None = None) -> int:
                     help="where outputs, logs and results go (default ROOT/runs/<shape>-<time>)")
     ap.add_argument("--no-floor", action="store_true",
                     help="skip the import-floor runs (each tool's imports alone, no work)")
+    ap.add_argument("--from-json", type=Path, default=None,
+                    help="only re-render the table of an earlier results.json (no runs)")
     ap.add_argument("--no-warm-cache", action="store_true", help="do not pre-read the checkpoint")
+    ap.add_argument("--poll", type=float, default=0.2,
+                    help="seconds between samples of each run's process-tree PSS (0: off)")
     ap.add_argument("--threads", type=int, default=None,
                     help="set OMP/OPENBLAS/MKL_NUM_THREADS for every child (default: inherit)")
     ap.add_argument("--idle-wait", type=float, default=60,
                     help="before each run, wait up to this many seconds for other processes to "
                          "leave the CPUs idle (0: do not wait)")
     args = ap.parse_args(argv)
+
+    if args.from_json:
+        saved = json.loads(args.from_json.read_text())
+        print(markdown(saved["meta"], summarize(saved["runs"]), saved.get("skipped", {})))
+        return 0
 
     shape = synth.SHAPES[args.shape]
     a, b = args.block_start, args.block_end
@@ -295,11 +329,6 @@ def main(argv: list[str] | None = None) -> int:
 
     def say(*parts):
         print(*parts, file=sys.stderr, flush=True)
-
-    ckpt = synth.build(shape, layers, root=args.root, log=say)
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    out_dir = args.out_dir or args.root / "runs" / f"{args.shape}-{stamp}"
-    out_dir.mkdir(parents=True, exist_ok=True)
 
     env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
     if args.threads:
@@ -330,6 +359,13 @@ def main(argv: list[str] | None = None) -> int:
     for what, why in skipped.items():
         say(f"SKIP {what}: {why}")
 
+    # Decide what runs before building: a 4B checkpoint is not written for nothing.
+    ckpt = synth.build(shape, layers, root=args.root, log=say) if todo else synth.checkpoint_dir(
+        shape, layers, 1024, 0, args.root)
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out_dir = args.out_dir or args.root / "runs" / f"{args.shape}-{stamp}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+
     if todo and not args.no_floor:
         kinds = {kind for _, kind, _ in todo}
         todo += [(f"{k} import floor", "floor", k) for k in ("reference", "drift") if k in kinds]
@@ -340,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
                        capture_output=True)
         say(f"warmed page cache: {nbytes / GiB:.2f} GiB + imports in {time.perf_counter() - t0:.1f} s")
 
+    git_start = _git()  # drift may change under a long session; record both ends
     runs: list[dict] = []
     for rep in range(args.repeat):
         for name, kind, method in todo:
@@ -358,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
                 if load >= 0.25:
                     say(f"note: other processes are using {load:.1f} cores; timing anyway")
             say(f"run {name} [{rep + 1}/{args.repeat}]: {' '.join(cmd)}")
-            r = measure(cmd, log, env=run_env, cwd=REPO, timeout=args.timeout)
+            r = measure(cmd, log, env=run_env, cwd=REPO, timeout=args.timeout, poll=args.poll)
             r.update(name=name, kind=kind, method=method, repeat=rep, cmd=cmd, log=str(log),
                      output=None if kind == "floor" else str(out), output_written=out.is_file())
             if r["timed_out"]:
@@ -381,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
         "methods": methods, "device": args.device, "repeat": args.repeat,
         "reference": str(args.reference), "warm_cache": not args.no_warm_cache,
         "threads": args.threads, "cpu_count": os.cpu_count(), "mem_total_gib": os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / GiB,
-        "platform": platform.platform(), "versions": _versions(), "git": _git(),
+        "platform": platform.platform(), "versions": _versions(), "git_start": git_start, "git_end": _git(),
         "rss_method": ("ru_maxrss from os.wait4 in a fresh stdlib-only wrapper per run "
                        "(kernel high-water mark; includes file-backed pages)"),
     }
