@@ -197,14 +197,24 @@ def match_heads(cost: Tensor, n_kv: int) -> np.ndarray:
     nh = cost.shape[0]
     r = nh // n_kv
     c = cost.detach().cpu().double().numpy().reshape(n_kv, r, n_kv, r)  # (g_a, i_a, g_b, i_b)
-    inner = np.zeros((n_kv, n_kv))
-    inner_perm: dict[tuple[int, int], np.ndarray] = {}
-    for ga in range(n_kv):
-        for gb in range(n_kv):
-            block = c[ga, :, gb, :]  # (i_a, i_b)
-            col = lap(block.T)  # for each i_b, the i_a
-            inner_perm[ga, gb] = col
-            inner[ga, gb] = block[col, np.arange(r)].sum()
+    if r <= 5:  # every inner assignment at once: all r! orderings, vectorised over group pairs
+        import itertools
+
+        orders = np.array(list(itertools.permutations(range(r))))  # (r!, r): order[i_b] = i_a
+        # c[:, o, :, arange(r)] is (r, g_a, g_b): element [i, ga, gb] = c[ga, o[i], gb, i]
+        totals = np.stack([c[:, o, :, np.arange(r)].sum(axis=0) for o in orders])  # (r!, g_a, g_b)
+        best = totals.argmin(axis=0)  # (g_a, g_b)
+        inner = totals.min(axis=0)
+        inner_perm = {(ga, gb): orders[best[ga, gb]] for ga in range(n_kv) for gb in range(n_kv)}
+    else:
+        inner = np.zeros((n_kv, n_kv))
+        inner_perm = {}
+        for ga in range(n_kv):
+            for gb in range(n_kv):
+                block = c[ga, :, gb, :]  # (i_a, i_b)
+                col = lap(block.T)  # for each i_b, the i_a
+                inner_perm[ga, gb] = col
+                inner[ga, gb] = block[col, np.arange(r)].sum()
     group_of_b = lap(inner.T)  # for each g_b, the g_a
     perm = np.empty(nh, dtype=np.int64)
     for gb in range(n_kv):

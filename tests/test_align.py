@@ -124,3 +124,21 @@ def test_match_heads_respects_groups_even_when_a_cross_group_swap_is_cheaper():
     assert (groups == groups[:, :1]).all()
     flat = align.lap(cost)
     assert flat[2] == 0  # the unconstrained optimum would cross groups
+
+
+@pytest.mark.parametrize("n_kv,r", [(2, 2), (4, 4), (3, 5), (8, 2), (2, 6)])
+def test_match_heads_is_optimal_against_scipy_two_level(n_kv, r):
+    """Both inner routes (enumerated orderings for r ≤ 5, LAPs above) reach the optimum that
+    scipy's assignment finds on the same two-level problem."""
+    rng = np.random.default_rng(n_kv * 10 + r)
+    for _ in range(10):
+        c = rng.random((n_kv * r, n_kv * r))
+        perm = align.match_heads(torch.as_tensor(c), n_kv)
+        groups = perm.reshape(n_kv, r) // r
+        assert (groups == groups[:, :1]).all()
+        got = c[perm, np.arange(n_kv * r)].sum()
+        blocks = c.reshape(n_kv, r, n_kv, r)
+        inner = np.array([[blocks[ga, :, gb, :][linear_sum_assignment(blocks[ga, :, gb, :])].sum()
+                           for gb in range(n_kv)] for ga in range(n_kv)])
+        best = inner[linear_sum_assignment(inner)].sum()
+        assert got == pytest.approx(best, abs=1e-9)
