@@ -2,7 +2,8 @@
 # The GPU benchmark, as one command for a lent H100/H200 machine (see benchmarks/README.md):
 #   1. CPU vs CUDA agreement of `drift analyze` on a 0.6B-shaped 3-layer checkpoint;
 #   2. all 35 consecutive pairs of a 36-layer Qwen3-4B-shaped checkpoint (exact, CUDA);
-#   3. consecutive vs all pairs over layers 0..7 of it (cost per pair, all-pairs scaling).
+#   3. consecutive vs all pairs over layers 0..7 of it (cost per pair, all-pairs scaling);
+#      skipped with ONLY_CONSECUTIVE=1.
 # Writes timings (measure_child.py JSON lines) and results under ${OUT:-/tmp/drift-gpu}.
 set -uo pipefail
 OUT="${OUT:-/tmp/drift-gpu}"; mkdir -p "$OUT"
@@ -36,6 +37,7 @@ PY
 log "build 4b x36"; CK4=$($PY benchmarks/synth.py --shape 4b | tail -1)
 log "4b consecutive 0..35 (35 pairs)"
 measure cons36 --model "$CK4" --device cuda
+[[ -n "${ONLY_CONSECUTIVE:-}" ]] && { log "done"; exit 0; }
 log "4b consecutive 0..7 (7 pairs)"
 measure cons8 --model "$CK4" --device cuda --block-start 0 --block-end 7
 log "4b all pairs 0..7 (28 pairs)"
