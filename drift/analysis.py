@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections import deque
 from typing import Iterable, Sequence
 
 import pandas as pd
 import torch
 
 from . import __version__
-from .align import random_orthogonal
+from .align import lap_pool, lap_submit, random_orthogonal
 from .canonical import LayerReader, open_layers
 from .errors import DriftError, LayerIndexError
 from .methods import METHOD_FNS, METHOD_STEPS, METHODS, family_invariant, family_kind
@@ -106,8 +107,6 @@ def analyze(model: str | LayerReader, layers: Iterable[int] | None = None, pairs
 
     from tqdm.auto import tqdm
 
-    from .align import lap_pool, lap_submit
-
     # Each pair is one observed comparison plus n_null null ones. A comparison is a generator
     # that yields its large assignment problem (exact: the MLP units); the assignments run in
     # worker processes while this thread reads the next layers and prepares the next
@@ -147,8 +146,6 @@ def analyze(model: str | LayerReader, layers: Iterable[int] | None = None, pairs
         except StopIteration as stop:
             finished(task, stop.value)
             return None
-
-    from collections import deque
 
     inflight: deque = deque()
 

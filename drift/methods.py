@@ -29,7 +29,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .align import lap, match_heads, polar, procrustes_thin
+from .align import balance_gl, lap, match_heads, polar, procrustes_thin
 from .canonical import CanonicalLayer, LayerSymmetry, rope_pair_index
 
 Tensor = torch.Tensor
@@ -155,12 +155,6 @@ def _group_unstack(X: Tensor, r: int) -> Tensor:
     return X.reshape(nkv, d, r, rP // r).permute(0, 2, 1, 3).reshape(nkv * r, d, rP // r)
 
 
-def _balance_gl_batched(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
-    from .align import balance_gl
-
-    return balance_gl(A, B)
-
-
 def exact_form(layer: CanonicalLayer) -> Form:
     """Per-layer canonical representative under the exact group, up to the compact part."""
     s = layer.sym
@@ -182,13 +176,13 @@ def exact_form(layer: CanonicalLayer) -> Form:
             zk = zk / sc[..., None]
             Q, K = _from_complex(zq, Q, s), _from_complex(zk, K, s)
         if rd < s.d_head:  # GL on non-rotary dims: balanced factors of the group's Q̄ᵀ K
-            Qp, Kp = _balance_gl_batched(_group_stack(Q[:, rd:], r), K[:, rd:])
+            Qp, Kp = balance_gl(_group_stack(Q[:, rd:], r), K[:, rd:])
             Q = torch.cat([Q[:, :rd], _group_unstack(Qp, r)], dim=1)
             K = torch.cat([K[:, :rd], Kp], dim=1)
 
     # ---- VO: GL per group, balanced factors of Ō V
     Ot = _group_stack(O.transpose(-1, -2), r)  # (nkv, dh, r·H)
-    V, Ot = _balance_gl_batched(V, Ot)
+    V, Ot = balance_gl(V, Ot)
     O = _group_unstack(Ot, r).transpose(-1, -2)  # (nh, H, dh)
 
     # ---- MLP: GLU units balanced between up and down
