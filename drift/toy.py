@@ -30,7 +30,7 @@ TOY_CONFIGS: dict[str, tuple[str, str, dict[str, Any]]] = {
                                                         query_pre_attn_scalar=16)),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(_BASE, num_key_value_heads=2,
                                                    pad_token_id=0, bos_token_id=1, eos_token_id=2)),
-    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=64, n_layer=3, n_head=4, n_inner=128,
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=64, n_layer=3, n_head=4, n_inner=128, bos_token_id=1, eos_token_id=2,
                                                    vocab_size=97, n_positions=64)),
     "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM",
                  dict(_BASE, rotary_pct=0.25, partial_rotary_factor=0.25)),
