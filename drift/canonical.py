@@ -311,6 +311,9 @@ class LayerReader:
             w = self._t(name + ".weight") + n.offset
             b = self._t(name + ".bias") if n.kind == "layer" else None
             norms[role] = (w, b)
+        # Let the shard's mapped pages go: the next layer may live in another file, and a
+        # reader that walks a large checkpoint should hold one layer, not a shard.
+        self.ckpt.close()
         return CanonicalLayer(index=i, sym=s, norms=norms, **kw)
 
     def __iter__(self) -> Iterator[CanonicalLayer]:

@@ -42,6 +42,11 @@ def _unit(x: Tensor) -> Tensor:
     return x / x.norm().clamp_min(EPS)
 
 
+def _unit_(x: Tensor) -> Tensor:
+    """In place, for tensors this module just made."""
+    return x.div_(x.norm().clamp_min(EPS))
+
+
 def _aug(W: Tensor, b: Tensor | None) -> Tensor:
     """[W | b]: the bias as one more input column (input [x; 1])."""
     return W if b is None else torch.cat([W, b[..., None]], dim=-1)
@@ -191,8 +196,10 @@ def exact_form(layer: CanonicalLayer) -> Form:
         U, D = U * k[:, None], D / k[None, :]
 
     gains, pair_gains = _norm_gains(layer, exact=True)
-    return Form(sym=s, method="exact", H=s.d_model, Q=_unit(Q), K=_unit(K), V=_unit(V), O=_unit(O),
-                U=_unit(U), D=_unit(D), G=None if G is None else _unit(G), gains=gains,
+    if D is layer.W_down:  # normalised in place below: never touch the caller's layer
+        D = D.clone()
+    return Form(sym=s, method="exact", H=s.d_model, Q=_unit_(Q), K=_unit_(K), V=_unit_(V), O=_unit_(O),
+                U=_unit_(U), D=_unit_(D), G=None if G is None else _unit_(G), gains=gains,
                 pair_gains=pair_gains)
 
 
