@@ -223,12 +223,6 @@ def match_heads(cost: Tensor, n_kv: int) -> np.ndarray:
     return perm
 
 
-def group_perm(head_perm: np.ndarray, n_heads: int, n_kv: int) -> np.ndarray:
-    """The KV-group permutation implied by a GQA-respecting head permutation."""
-    r = n_heads // n_kv
-    return np.asarray(head_perm).reshape(n_kv, r)[:, 0] // r
-
-
 def random_orthogonal(n: int, generator: torch.Generator, dtype=torch.float64) -> Tensor:
     """A Haar-random element of O(n) (QR of a Gaussian, signs fixed by diag(R))."""
     X = torch.randn(n, n, generator=generator, dtype=torch.float64)
