@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
 import shutil
 import subprocess
@@ -56,13 +57,6 @@ def layer_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
     }
 
 
-def n_elements(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
 def write_checkpoint(folder: Path, n_layers: int, shard_bytes: int) -> int:
     """Write config.json, the shards and the index; returns the bytes of tensor data written."""
     import torch
@@ -82,7 +76,7 @@ def write_checkpoint(folder: Path, n_layers: int, shard_bytes: int) -> int:
     shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
     size = 0
     for name, shape in names:
-        nbytes = 2 * n_elements(shape)
+        nbytes = 2 * math.prod(shape)
         if shards[-1] and size + nbytes > shard_bytes:
             shards.append([])
             size = 0

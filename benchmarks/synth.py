@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -109,7 +110,7 @@ def plan_shards(specs: list[tuple[str, tuple[int, ...]]], max_bytes: int) -> lis
     shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
     used = 0
     for name, shp in specs:
-        nbytes = _numel(shp) * BYTES_PER_WEIGHT
+        nbytes = math.prod(shp) * BYTES_PER_WEIGHT
         if shards[-1] and used + nbytes > max_bytes:
             shards.append([])
             used = 0
@@ -235,16 +236,9 @@ def build(shape: Shape | str, n_layers: int | None = None, *, vocab: int = 1024,
     return final
 
 
-def _numel(shp: tuple[int, ...]) -> int:
-    n = 1
-    for s in shp:
-        n *= s
-    return n
-
-
 def n_params(shape: Shape, n_layers: int, vocab: int) -> int:
     """Number of weights in the checkpoint (for memory estimates)."""
-    return sum(_numel(s) for _, s in tensor_specs(shape, n_layers, vocab))
+    return sum(math.prod(s) for _, s in tensor_specs(shape, n_layers, vocab))
 
 
 def _parse_size(s: str) -> int:

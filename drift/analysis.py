@@ -14,7 +14,7 @@ from . import __version__
 from .align import lap_pool, lap_submit, random_orthogonal
 from .canonical import LayerReader, open_layers
 from .errors import DriftError, LayerIndexError
-from .methods import METHOD_FNS, METHOD_STEPS, METHODS, family_invariant, family_kind
+from .methods import METHOD_FORMS, METHOD_STEPS, METHODS, family_invariant, family_kind
 from .result import AnalysisResult
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ def analyze(model: str | LayerReader, layers: Iterable[int] | None = None, pairs
     if len(layers) < 2:
         raise DriftError(f"need at least two layers to compare, got {layers}")
     plist = layer_pairs(layers, pairs)
-    form_fn = METHOD_FNS[method][0]
+    form_fn = METHOD_FORMS[method]
 
     forms: dict[int, object] = {}
     uses = {L: [k for k, p in enumerate(plist) if L in p] for L in layers}

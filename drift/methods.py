@@ -490,12 +490,12 @@ def _no_assignment(fn: CompareFn) -> Callable:
     return steps
 
 
-METHOD_FNS: dict[str, tuple[FormFn, CompareFn]] = {
-    "exact": (exact_form, exact_compare),
-    "rotation": (lambda L: rotation_form(L, "rotation"), rotation_compare),
-    "raw": (lambda L: rotation_form(L, "raw"), lambda a, b: rotation_compare(a, b, fit=False)),
+METHOD_FORMS: dict[str, FormFn] = {
+    "exact": exact_form,
+    "rotation": lambda L: rotation_form(L, "rotation"),
+    "raw": lambda L: rotation_form(L, "raw"),
 }
-"""method -> (per-layer form, per-pair comparison returning {family: residual})."""
+"""method -> per-layer form."""
 
 METHOD_STEPS: dict[str, Callable] = {
     "exact": exact_compare_steps,
