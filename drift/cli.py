@@ -38,13 +38,18 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--device", default="auto", help="auto | cpu | cuda")
     a.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     a.add_argument("--seed", type=int, default=0, help="seed of the null's random rotations")
-    a.add_argument("--n-null", type=int, default=1, help="null draws per pair (averaged)")
+    a.add_argument("--n-null", type=int, default=1,
+                   help="null draws per pair (averaged); 0: no null and no rho, the reference's work "
+                        "at about half the cost")
     a.add_argument("--quiet", action="store_true", help="no progress bar, no table")
     return p
 
 
 def _format_table(result) -> str:
-    s = result.summary().sort_values("rho_mean")
+    s = result.summary()
+    has_null = bool(s["rho_mean"].notna().any())
+    key, key_name = ("rho_mean", "mean rho") if has_null else ("mean", "mean residual; no null computed")
+    s = s.sort_values(key)
     meta = result.meta
     layers = meta["layers"]
     lines = [
@@ -52,7 +57,8 @@ def _format_table(result) -> str:
         f"{meta['pairs']} pairs, method={meta['method']}"
         + (" (APPROXIMATE: not a symmetry of the model)" if meta.get("approximate") else "") + " ===",
         "  residual: unit-normalised Frobenius distance after alignment (0 = identical up to gauge)",
-        "  null: same method vs a residual-rotated copy of layer_b; rho = residual / null (1 = unrelated)",
+        ("  null: same method vs a residual-rotated copy of layer_b; rho = residual / null (1 = unrelated)"
+         if has_null else "  null, rho: not computed (--n-null 0)"),
         "  * = not gauge-invariant (raw gain vector or approximate alignment)",
         "",
         f"  {'family':>14}  {'mean':>8}  {'min':>8}  {'max':>8}  {'std':>8}  {'null':>8}  {'rho':>6}  n",
@@ -61,9 +67,10 @@ def _format_table(result) -> str:
         star = " " if r["invariant"] else "*"
         lines.append(f"  {fam:>13}{star}  {r['mean']:>8.4f}  {r['min']:>8.4f}  {r['max']:>8.4f}  "
                      f"{r['std']:>8.4f}  {r['null_mean']:>8.4f}  {r['rho_mean']:>6.3f}  {int(r['n'])}")
-    lines += ["", "  Families ranked least-to-most variation (by mean rho):"]
+    lines += ["", f"  Families ranked least-to-most variation (by {key_name}):"]
     for i, (fam, r) in enumerate(s.iterrows()):
-        lines.append(f"    {i + 1}. {fam}  (rho {r['rho_mean']:.3f}, mean residual {r['mean']:.4f})")
+        rho = f"rho {r['rho_mean']:.3f}, " if has_null else ""
+        lines.append(f"    {i + 1}. {fam}  ({rho}mean residual {r['mean']:.4f})")
     return "\n".join(lines)
 
 

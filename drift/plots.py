@@ -60,9 +60,12 @@ SAVE_FORMATS = ("png", "svg", "pdf")
 
 # --------------------------------------------------------------------------- helpers
 
-def _check_value(value: str) -> None:
+def _check_value(value: str, result: AnalysisResult | None = None) -> None:
     if value not in VALUE_LABELS:
         raise ValueError(f"value must be one of {', '.join(VALUE_LABELS)}, got {value!r}")
+    if result is not None and value in ("rho", "null") and not result.df[value].notna().any():
+        raise ValueError(f"this result has no null (it was computed with n_null=0), so no {value!r} "
+                         "to plot: use value='residual', or analyse with n_null >= 1")
 
 
 def _method(result: AnalysisResult) -> str:
@@ -240,7 +243,7 @@ def heatmap(result: AnalysisResult, family: str, value: str = "rho", ax: "Axes |
     Raises:
         ValueError: unknown ``value`` or ``family``, or a ``block`` outside the result's layers.
     """
-    _check_value(value)
+    _check_value(value, result)
     _families(result, [family])
     m = result.matrix(family, value)
     vmin, vmax = _color_limits(value, m.to_numpy(dtype=float), _null_top(result, [family]))
@@ -270,7 +273,7 @@ def heatmap_grid(result: AnalysisResult, families: Sequence[str] | None = None, 
         2-D array of Axes (``nrows x ncols``); unused cells are switched off. The Figure is
         ``axes.flat[0].figure``.
     """
-    _check_value(value)
+    _check_value(value, result)
     fams = _families(result, families)
     mats = {f: result.matrix(f, value) for f in fams}
     allvals = np.concatenate([m.to_numpy(dtype=float).ravel() for m in mats.values()])
@@ -323,6 +326,8 @@ def drift_along(result: AnalysisResult, families: Sequence[str] | None = None,
     """
     if value not in ("rho", "residual"):
         raise ValueError(f"drift_along shows value 'rho' or 'residual', got {value!r}")
+    _check_value(value, result)
+    has_null = bool(result.df["null"].notna().any())
     fams = _families(result, families)
     d = _consecutive(result)
     pairs = sorted({(int(a), int(b)) for a, b in d[["layer_a", "layer_b"]].itertuples(index=False)})
@@ -333,7 +338,7 @@ def drift_along(result: AnalysisResult, families: Sequence[str] | None = None,
     # The nulls of all families at one pair: one grey band when they agree (to 0.1), else one
     # dashed line per family (e.g. under ``rotation`` the MLP null is far below the attention null).
     nb = sel.groupby(["layer_a", "layer_b"])["null"].agg(["min", "max"]).sort_index()
-    one_band = value == "residual" and float((nb["max"] - nb["min"]).max()) < 0.1
+    one_band = value == "residual" and has_null and float((nb["max"] - nb["min"]).max()) < 0.1
     drawn = 0
     for fam in fams:
         f = d[d["family"] == fam].sort_values("layer_a")
@@ -345,7 +350,7 @@ def drift_along(result: AnalysisResult, families: Sequence[str] | None = None,
             ax.plot(x, f["rho"], marker="o", ms=3.5, lw=1.6, color=c, label=fam)
         else:
             ax.plot(x, f["residual"], marker="o", ms=3.5, lw=1.6, color=c, label=fam)
-            if not one_band:
+            if has_null and not one_band:
                 ax.plot(x, f["null"], ls="--", lw=1.0, color=c, alpha=0.8)
         drawn += 1
     if drawn == 0:
@@ -363,11 +368,15 @@ def drift_along(result: AnalysisResult, families: Sequence[str] | None = None,
             xb = [xpos[(int(a), int(b))] for a, b in nb.index]
             ax.fill_between(xb, nb["min"], nb["max"], color="#bbbbbb", alpha=0.6, lw=0, zorder=0,
                             label="null (unrelated partner),\nrange over families")
-        else:
+        elif has_null:
             ax.plot([], [], color="black", ls="--", lw=1.0, label="null of each family (dashed)")
         ax.set_ylim(bottom=0)
-        ax.set_ylabel("residual / null\n(unit-normalised Frobenius)", fontsize=9)
-        what = "residual vs null along the depth"
+        if has_null:
+            ax.set_ylabel("residual / null\n(unit-normalised Frobenius)", fontsize=9)
+            what = "residual vs null along the depth"
+        else:
+            ax.set_ylabel("residual\n(unit-normalised Frobenius)", fontsize=9)
+            what = "residual along the depth (no null computed)"
     ax.set_xticks(range(len(pairs)), [_pair_label(*p) for p in pairs])
     if len(pairs) > 16:
         for k, lab in enumerate(ax.get_xticklabels()):
@@ -410,7 +419,7 @@ def ranking(result: AnalysisResult, ax: "Axes | None" = None, value: str = "rho"
     Returns:
         The Axes.
     """
-    _check_value(value)
+    _check_value(value, result)
     fams = _families(result, families)
     s = _stats(result, value).loc[fams].sort_values("mean")
     ax = _new_axes(ax, (6.4, 0.38 * len(s) + 1.6))
@@ -477,6 +486,9 @@ def compare_methods(results: Mapping[str, AnalysisResult], ax: "Axes | None" = N
     _check_value(value)
     if not results:
         raise ValueError("compare_methods needs at least one result")
+    if value != "residual":
+        for r in results.values():
+            _check_value(value, r)
     labels = list(results)
     first = results[labels[0]]
     # Rank by the exact method when it is there (the other methods' ranking is not meaningful).
@@ -507,7 +519,7 @@ def compare_methods(results: Mapping[str, AnalysisResult], ax: "Axes | None" = N
             if m < tiny:  # a bar too short to see is not a missing bar: say its value
                 ax.text(xi, tiny, f"{m:.2f}", ha="center", va="bottom", fontsize=6, rotation=90,
                         color=color, fontweight="bold")
-        if value == "residual":
+        if value == "residual" and s["null"][ok].notna().any():
             ax.hlines(s["null"][ok], xs[ok] - width * 0.46, xs[ok] + width * 0.46, colors="black",
                       lw=2.0, label=None if null_drawn else "its null (unrelated partner)")
             null_drawn = True

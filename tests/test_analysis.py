@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -113,6 +114,21 @@ def test_results_are_reproducible_and_seed_dependent(unrelated):
     assert np.allclose(a["residual"], c["residual"])  # the seed only moves the null
 
 
+@pytest.mark.parametrize("method", ["exact", "rotation"])
+def test_no_null_gives_the_same_residuals_and_nan_rho(unrelated, method, tmp_path):
+    folder = unrelated("qwen3")
+    with_null = drift.analyze(folder, layers=[0, 1, 2], method=method, seed=5, progress=False)
+    bare = drift.analyze(folder, layers=[0, 1, 2], method=method, seed=5, n_null=0, progress=False)
+    assert with_null.df["null"].notna().all() and with_null.df["null"].gt(0).all()
+    pd.testing.assert_frame_equal(bare.df.drop(columns=["null", "rho"]),
+                                  with_null.df.drop(columns=["null", "rho"]))
+    assert bare.df["null"].isna().all() and bare.df["rho"].isna().all()
+    assert bare.meta["n_null"] == 0 and "not computed" in bare.meta["null"]
+    d = json.loads(bare.to_json(tmp_path / "bare.json").read_text())  # strict JSON: null, not NaN
+    assert all(v is None for vals in d["null_residuals"].values() for v in vals)
+    assert all(v is not None for vals in d["family_residuals"].values() for v in vals)
+
+
 def test_fp64_and_fp32_agree(unrelated):
     folder = unrelated("qwen3")
     a = drift.analyze(folder, layers=[1, 2], dtype="float32", progress=False).df
@@ -154,7 +170,7 @@ def test_summary_is_ranked_and_complete(unrelated):
     (dict(layers=[0, 9]), "out of range"),
     (dict(layers=[1]), "at least two layers"),
     (dict(dtype="float16"), "dtype must be"),
-    (dict(n_null=0), "n_null"),
+    (dict(n_null=-1), "n_null"),
 ])
 def test_bad_arguments_raise_drift_errors(unrelated, kwargs, match):
     with pytest.raises(drift.DriftError, match=match):

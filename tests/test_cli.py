@@ -83,3 +83,16 @@ def test_unknown_architecture_exits_2(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("drift: ") and "Traceback" not in proc.stderr
     assert "unsupported architecture 'MambaForCausalLM'" in proc.stderr and "qwen3" in proc.stderr
+
+
+def test_no_null_run_ranks_by_residual_and_writes_null_as_json_null(tmp_path):
+    out = tmp_path / "bare.json"
+    proc = run_cli("analyze", "--model", "minilm", "--block-start", "0", "--block-end", "2",
+                   "--n-null", "0", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "not computed (--n-null 0)" in proc.stdout
+    assert "by mean residual; no null computed" in proc.stdout
+    d = json.loads(out.read_text())
+    assert d["n_null"] == 0
+    assert all(v is None for vals in d["normalized"].values() for v in vals)
+    assert all(v is not None and v >= 0 for vals in d["family_residuals"].values() for v in vals)

@@ -342,3 +342,28 @@ def test_export_csv_is_the_data_behind_the_figures(tmp_path, cons):
     assert {"family", "layer_a", "layer_b", "residual", "null", "rho", "method", "model"} <= set(back)
     assert set(back["method"]) == {"exact"}
     np.testing.assert_allclose(back["rho"], cons.df["rho"])
+
+
+def _without_null(result: AnalysisResult) -> AnalysisResult:
+    df = result.df.copy()
+    df["null"] = np.nan
+    df["rho"] = np.nan
+    return AnalysisResult(df, {**result.meta, "n_null": 0})
+
+
+@pytest.mark.parametrize("draw", [lambda r: plots.heatmap(r, "q_proj"), lambda r: plots.ranking(r),
+                                  lambda r: plots.drift_along(r), lambda r: plots.heatmap_grid(r),
+                                  lambda r: plots.compare_methods({"exact": r}, value="rho")])
+def test_rho_of_a_result_without_null_is_refused_by_name(cons, draw):
+    with pytest.raises(ValueError, match="n_null=0"):
+        draw(_without_null(cons))
+
+
+def test_residual_plots_of_a_result_without_null_draw_no_null(cons):
+    bare = _without_null(cons)
+    ax = plots.drift_along(bare, value="residual")
+    assert "no null" in ax.get_title()
+    assert not any(line.get_linestyle() == "--" for line in ax.get_lines())
+    assert not ax.collections  # no null band
+    plots.heatmap(bare, "q_proj", value="residual")
+    plots.compare_methods({"exact": bare})
