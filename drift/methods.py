@@ -29,7 +29,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .align import balance_gl, lap, match_heads, polar, procrustes_thin
+from .align import BlockCost, balance_gl, fro, lap, match_heads, polar, procrustes_thin
 from .canonical import CanonicalLayer, LayerSymmetry, rope_pair_index
 
 Tensor = torch.Tensor
@@ -39,12 +39,12 @@ METHODS = ("exact", "rotation", "raw")
 
 
 def _unit(x: Tensor) -> Tensor:
-    return x / x.norm().clamp_min(EPS)
+    return x / fro(x).clamp_min(EPS)
 
 
 def _unit_(x: Tensor) -> Tensor:
     """In place, for tensors this module just made."""
-    return x.div_(x.norm().clamp_min(EPS))
+    return x.div_(fro(x).clamp_min(EPS))
 
 
 def _aug(W: Tensor, b: Tensor | None) -> Tensor:
@@ -169,8 +169,8 @@ def exact_form(layer: CanonicalLayer) -> Form:
 
     # ---- QK
     if s.qk_norm:  # per-head scale is a gauge: unit-normalise every head
-        Q = Q / Q.flatten(1).norm(dim=1).clamp_min(EPS)[:, None, None]
-        K = K / K.flatten(1).norm(dim=1).clamp_min(EPS)[:, None, None]
+        Q = Q / fro(Q, keep=1).clamp_min(EPS)[:, None, None]
+        K = K / fro(K, keep=1).clamp_min(EPS)[:, None, None]
     else:
         if rd:  # C* per pair and group: balance Σ_h |zq_h,i|² = |zk_i|²
             zq, zk = _complex_pairs(Q, s), _complex_pairs(K, s)  # (nh, m, P), (nkv, m, P)
@@ -357,26 +357,46 @@ def _fit_qk(Qa: Tensor, Ka: Tensor, fa: Form, fb: Form) -> tuple[Tensor, Tensor,
     return Qa, Ka, gains
 
 
-def _mlp_match_steps(fa: Form, fb: Form, glu: bool):
-    """One LAP on the unit similarity (gauge-spec §4.6), as a generator: it yields the
-    (F_b, F_a) similarity to be *maximised* and receives the assignment; returns
-    (sigma, sign) with B's unit j matched to A's unit sigma[j] with sign[j]."""
-    inner = fa.U @ fb.U.T  # (F_a, F_b)
-    inner.addmm_(fa.D.T, fb.D)
-    if glu:
-        C = fa.G @ fb.G.T
-        C += inner.abs()
-    else:
-        C = inner
-    sigma = yield C.T  # for each B unit, the A unit
-    del C
-    sigma_t = torch.as_tensor(sigma, device=inner.device)
-    if glu:
-        sign = torch.sign(inner[sigma_t, torch.arange(len(sigma), device=inner.device)])
-        sign = torch.where(sign == 0, torch.ones_like(sign), sign)
-    else:
-        sign = torch.ones(len(sigma), dtype=inner.dtype, device=inner.device)
-    return sigma, sign
+def _mlp_cost(fa: Form, fb: Form, glu: bool) -> BlockCost:
+    """The unit similarity to *maximise* (gauge-spec §4.6), (F_b, F_a): for GLU
+    ⟨g_b, g_a⟩ + |⟨u_b, u_a⟩ + ⟨d_b, d_a⟩| (a unit's sign flips u and d together), else the
+    plain inner product. Made in blocks of B units, so no F×F matrix is ever held in torch."""
+    def block(j0: int, j1: int) -> Tensor:
+        S = fb.U[j0:j1] @ fa.U.T
+        S.addmm_(fb.D[:, j0:j1].T, fa.D)
+        if glu:
+            S.abs_()
+            S.addmm_(fb.G[j0:j1], fa.G.T)
+        return S
+
+    return BlockCost((fb.U.shape[0], fa.U.shape[0]), block)
+
+
+def _mlp_residuals(fa: Form, fb: Form, sigma: np.ndarray, glu: bool,
+                   rows: int = 1024) -> tuple[Tensor, dict[str, float]]:
+    """Residuals of the matched MLP units (B's unit j against A's unit sigma[j]), and the
+    GLU signs, computed in blocks of units: (sign, {gate_proj, up_proj, down_proj})."""
+    sg = torch.as_tensor(sigma, device=fa.U.device)
+    sq = {"gate_proj": 0.0, "up_proj": 0.0, "down_proj": 0.0}
+    signs = []
+    for j0 in range(0, len(sg), rows):
+        idx = sg[j0:j0 + rows]
+        Ua, Ub = fa.U[idx], fb.U[j0:j0 + rows]
+        Da, Db = fa.D[:, idx], fb.D[:, j0:j0 + rows]
+        if glu:
+            sign = torch.sign((Ua * Ub).sum(1) + (Da * Db).sum(0))
+            sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+            Ua, Da = Ua * sign[:, None], Da * sign[None, :]
+        else:
+            sign = torch.ones(len(idx), dtype=Ua.dtype, device=Ua.device)
+        signs.append(sign)
+        sq["up_proj"] += float(((Ua - Ub) ** 2).sum())
+        sq["down_proj"] += float(((Da - Db) ** 2).sum())
+        if fa.G is not None:
+            sq["gate_proj"] += float(((fa.G[idx] - fb.G[j0:j0 + rows]) ** 2).sum())
+    if fa.G is None:
+        del sq["gate_proj"]
+    return torch.cat(signs), {k: v ** 0.5 for k, v in sq.items()}
 
 
 def run_steps(gen) -> dict[str, float]:
@@ -403,7 +423,7 @@ def exact_compare_steps(fa: Form, fb: Form, details: dict | None = None):
     (the MLP units) first, so that a driver can solve it elsewhere while it prepares the next
     comparison (see :func:`drift.analysis.analyze`)."""
     s = fa.sym
-    sigma, sign = yield from _mlp_match_steps(fa, fb, s.is_glu)
+    sigma = yield _mlp_cost(fa, fb, s.is_glu)
     qk = _qk_form_cost(fa, fb)
     ov = _ov_cost(fa, fb)
     perm = match_heads(qk + ov, s.n_kv_heads)  # perm[h_b] = h_a
@@ -419,18 +439,15 @@ def exact_compare_steps(fa: Form, fb: Form, details: dict | None = None):
     R = polar(B @ A.transpose(-1, -2))  # (nkv, dh, dh)
     Va = R @ Va
     Oa = Oa @ R.repeat_interleave(r, 0).transpose(-1, -2)
-    out.update(q_proj=float((Qa - fb.Q).norm()), k_proj=float((Ka - fb.K).norm()),
-               v_proj=float((Va - fb.V).norm()), o_proj=float((Oa - fb.O).norm()))
+    out.update(q_proj=float(fro(Qa - fb.Q)), k_proj=float(fro(Ka - fb.K)),
+               v_proj=float(fro(Va - fb.V)), o_proj=float(fro(Oa - fb.O)))
 
+    sign, mlp = _mlp_residuals(fa, fb, sigma, s.is_glu)
+    out.update(mlp)
     if details is not None:
         details.update(head_perm=perm, mlp_perm=sigma, mlp_sign=sign.cpu().numpy())
-    sg = torch.as_tensor(sigma, device=fa.U.device)
-    if fa.G is not None:
-        out["gate_proj"] = float((fa.G[sg] - fb.G).norm())
-    out["up_proj"] = float((fa.U[sg] * sign[:, None] - fb.U).norm())
-    out["down_proj"] = float((fa.D[:, sg] * sign[None, :] - fb.D).norm())
     for name, g in gains.items():
-        out[name] = float((g - fb.gains[name]).norm())
+        out[name] = float(fro(g - fb.gains[name]))
     return out
 
 
@@ -443,7 +460,7 @@ def rotation_form(layer: CanonicalLayer, method: str = "rotation") -> Form:
     gidx = torch.arange(s.n_heads, device=layer.W_Q.device) // s.group_size
 
     def per_head(W: Tensor) -> Tensor:
-        return W / W.flatten(1).norm(dim=1).clamp_min(EPS)[:, None, None]
+        return W / fro(W, keep=1).clamp_min(EPS)[:, None, None]
 
     gains, _ = _norm_gains(layer, exact=False)
     return Form(sym=s, method=method, H=s.d_model, Q=per_head(layer.W_Q), K=per_head(layer.W_K[gidx]),
@@ -462,7 +479,7 @@ def rotation_compare(fa: Form, fb: Form, fit: bool = True) -> dict[str, float]:
         M = fb.Q @ t(Qa) + fb.K @ t(Ka) + fb.V @ t(Va) + t(fb.O) @ Oa  # (nh, dh, dh)
         R = polar(M)
         Qa, Ka, Va, Oa = R @ Qa, R @ Ka, R @ Va, Oa @ t(R)
-    hn = lambda X, Y: (X - Y).flatten(1).norm(dim=1).mean()  # noqa: E731
+    hn = lambda X, Y: fro(X - Y, keep=1).mean()  # noqa: E731
     out = {"q_proj": float(hn(Qa, fb.Q)), "k_proj": float(hn(Ka, fb.K)),
            "v_proj": float(hn(Va, fb.V)), "o_proj": float(hn(Oa, fb.O))}
     As = ([fa.G] if fa.G is not None else []) + [fa.U, fa.D.T]
@@ -470,9 +487,9 @@ def rotation_compare(fa: Form, fb: Form, fit: bool = True) -> dict[str, float]:
     aligned = procrustes_thin(As, Bs) if fit else As
     names = (["gate_proj"] if fa.G is not None else []) + ["up_proj", "down_proj"]
     for name, a, b in zip(names, aligned, Bs):
-        out[name] = float((a - b).norm())
+        out[name] = float(fro(a - b))
     for name, g in fa.gains.items():
-        out[name] = float((g - fb.gains[name]).norm())
+        out[name] = float(fro(g - fb.gains[name]))
     return out
 
 

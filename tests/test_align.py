@@ -103,6 +103,37 @@ def test_lap_matches_scipy_and_recovers_planted_permutation():
     assert (col == perm).all()
 
 
+@pytest.mark.parametrize("pooled", [False, True])
+def test_block_cost_assignment_equals_scipy_on_the_dense_matrix(pooled, tmp_path, monkeypatch):
+    """A cost made in row blocks (as the MLP similarity is) gives scipy's assignment, whether it
+    is solved here or written to a file for a worker process; the file is gone afterwards."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    n = align.POOL_MIN_SIZE + 37
+    X, Y = randn(n, 8, seed=30).float(), randn(n, 8, seed=31).float()
+    cost = align.BlockCost((n, n), lambda r0, r1: Y[r0:r1] @ X.T, rows_per_block=200)
+    dense = (Y @ X.T).double().numpy()
+    rows, cols = linear_sum_assignment(dense, maximize=True)
+    with align.lap_pool(2 if pooled else 1):
+        got = align.lap(cost, maximize=True)
+    assert (got[rows] == cols).all()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_fro_is_accurate_in_float32():
+    """The Frobenius norm that every residual goes through agrees with float64 to float32
+    rounding, whole or per head, also on millions of entries."""
+    X = (0.03 * randn(3072, 1024, seed=32)).float()
+    exact = float(X.double().pow(2).sum().sqrt())
+    assert float(align.fro(X)) == pytest.approx(exact, rel=1e-6)
+    H = X.reshape(16, 192, 1024)
+    np.testing.assert_allclose(align.fro(H, keep=1).double().numpy(),
+                               H.double().pow(2).sum((1, 2)).sqrt().numpy(), rtol=1e-6)
+    v = X[0]
+    assert float(align.fro(v)) == pytest.approx(float(v.double().norm()), rel=1e-6)
+
+
 @pytest.mark.parametrize("n_kv,r", [(2, 2), (1, 4), (4, 1), (3, 2)])
 def test_match_heads_recovers_a_planted_group_permutation(n_kv, r):
     """Two-level assignment: finds a planted S_r ≀ S_n_kv permutation and never mixes groups."""
