@@ -18,6 +18,31 @@ import torch
 Tensor = torch.Tensor
 
 
+_LIBC = None
+
+
+def release_memory() -> None:
+    """Give the heap's free pages back to the system (glibc ``malloc_trim``; elsewhere nothing).
+
+    drift makes and drops many buffers of a few to a few tens of MiB; glibc keeps such freed
+    chunks in the heap, so without this the process's resident size only grows (0.6B
+    benchmark: 0.76 GB peak instead of 0.6). Called between comparisons, not per tensor:
+    a fixed low mmap threshold does the same per buffer and cost 20% in page faults.
+    """
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC.malloc_trim  # noqa: B018 - glibc only
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
 def fro(x: Tensor, keep: int = 0) -> Tensor:
     """Frobenius norm over every axis after the first ``keep`` (``keep=1``: one norm per head).
 
@@ -202,6 +227,8 @@ class lap_pool:
         if self.workers > 1 and _POOL is None:
             import multiprocessing as mp
             from concurrent.futures import ProcessPoolExecutor
+
+            import scipy.optimize  # noqa: F401 - imported once here, not again in every worker
 
             _POOL = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("fork"))
             self._owner = True

@@ -11,10 +11,10 @@ import pandas as pd
 import torch
 
 from . import __version__
-from .align import lap_pool, lap_submit, random_orthogonal
+from .align import lap_pool, lap_submit, random_orthogonal, release_memory
 from .canonical import LayerReader, open_layers
 from .errors import DriftError, LayerIndexError
-from .methods import METHOD_FORMS, METHOD_STEPS, METHODS, family_invariant, family_kind
+from .methods import AWAIT, METHOD_FORMS, METHOD_STEPS, METHODS, family_invariant, family_kind
 from .result import AnalysisResult
 
 log = logging.getLogger(__name__)
@@ -98,6 +98,8 @@ def analyze(model: str | LayerReader, layers: Iterable[int] | None = None, pairs
         if L not in forms:
             layer = reader.read(L).map(lambda t: t.to(device=dev, dtype=tdtype))
             forms[L] = form_fn(layer)
+            del layer
+            release_memory()
         return forms[L]
 
     gen = torch.Generator().manual_seed(int(seed))
@@ -109,10 +111,11 @@ def analyze(model: str | LayerReader, layers: Iterable[int] | None = None, pairs
     from tqdm.auto import tqdm
 
     # Each pair is one observed comparison plus n_null null ones. A comparison is a generator
-    # that yields its large assignment problem (exact: the MLP units); the assignments run in
-    # worker processes while this thread reads the next layers and prepares the next
-    # comparisons, at most `workers` in flight. Layers are read in pair order and a layer's
-    # form is dropped once every comparison that uses it has finished.
+    # (see methods.run_steps) that yields its large assignment problem (exact: the MLP units),
+    # then does the work that does not need the answer, then yields AWAIT and receives it.
+    # The assignments run in worker processes while this thread goes on with that work and
+    # with the next comparisons, at most `workers` in flight. Layers are read in pair order
+    # and a layer's form is dropped once every comparison that uses it has finished.
     steps_fn = METHOD_STEPS[method]
     workers = _workers(reader.sym.d_ff, len(plist) * (1 + n_null), method)
     obs: dict[int, dict[str, float]] = {}
@@ -134,6 +137,7 @@ def analyze(model: str | LayerReader, layers: Iterable[int] | None = None, pairs
             for L in list(forms):
                 if all(left[i] == 0 for i in uses[L]):
                     forms.pop(L)
+        release_memory()
 
     def start(task: tuple[int, int]):
         k, j = task
@@ -143,7 +147,10 @@ def analyze(model: str | LayerReader, layers: Iterable[int] | None = None, pairs
             fb = fb.rotate_residual(rotations[j - 1]).shuffle_gains(null_gens[k])
         gen = steps_fn(fa, fb)
         try:
-            return gen, lap_submit(next(gen), maximize=True)
+            fut = lap_submit(next(gen), maximize=True)
+            if next(gen) is not AWAIT:
+                raise AssertionError("a comparison must yield AWAIT after its assignment")
+            return gen, fut
         except StopIteration as stop:
             finished(task, stop.value)
             return None
@@ -153,20 +160,28 @@ def analyze(model: str | LayerReader, layers: Iterable[int] | None = None, pairs
     def finish_oldest() -> None:
         task, gen, fut = inflight.popleft()
         try:
-            cost = gen.send(fut.result())
-            raise AssertionError(f"comparison yielded a second assignment ({tuple(cost.shape)})")
+            gen.send(fut.result())
+            raise AssertionError("a comparison yielded a second assignment")
         except StopIteration as stop:
             finished(task, stop.value)
 
-    with lap_pool(workers):
-        for task in ((k, j) for k in range(len(plist)) for j in range(1 + n_null)):
-            started = start(task)
-            if started is not None:
-                inflight.append((task, *started))
-            while len(inflight) >= max(workers, 1):
+    # While assignment workers run, this thread's torch ops get the cores they leave: on 2
+    # cores, a 2-thread OpenMP region next to a busy worker waits on its descheduled thread.
+    threads = torch.get_num_threads()
+    if workers > 1 and dev.type == "cpu":
+        torch.set_num_threads(max(1, threads - workers + 1))
+    try:
+        with lap_pool(workers):
+            for task in ((k, j) for k in range(len(plist)) for j in range(1 + n_null)):
+                started = start(task)
+                if started is not None:
+                    inflight.append((task, *started))
+                while len(inflight) >= max(workers, 1):
+                    finish_oldest()
+            while inflight:
                 finish_oldest()
-        while inflight:
-            finish_oldest()
+    finally:
+        torch.set_num_threads(threads)
     bar.close()
     nan = float("nan")
 

@@ -257,6 +257,11 @@ def _qk_form_cost(fa: Form, fb: Form, diag: bool = False) -> Tensor:
     (n_heads_a, n_heads_b), or of head h of A and head h of B when ``diag``: per RoPE pair the
     rank-1 complex forms conj(zq) zkᵀ (gauge-spec §4.2a), plus ‖Q_pᵀK_p‖ on non-rotary dims
     (§4.4a). Gram traces only: O(n_heads² d_head² d_model), no d_model² matrices."""
+    return _normalised_dist2(*_qk_terms(fa, fb, diag), diag)
+
+
+def _qk_terms(fa: Form, fb: Form, diag: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(‖form_a,h‖², ‖form_b,h‖², ⟨form_a,h, form_b,h'⟩) of :func:`_qk_form_cost`."""
     s = fa.sym
     r, rd = s.group_size, s.rotary_dims
     gidx = torch.arange(s.n_heads, device=fa.Q.device) // r
@@ -278,12 +283,16 @@ def _qk_form_cost(fa: Form, fb: Form, diag: bool = False) -> Tensor:
         QaQb = _pairwise("aip,bjp->abij", Qa, Qb, diag)  # Qa Qbᵀ
         KaKb = _pairwise("aip,bjp->abij", Ka, Kb, diag)
         cross = cross + (QaQb * KaKb).sum((-1, -2))  # tr(Qa Qbᵀ Kb Kaᵀ)
-    return _normalised_dist2(na, nb, cross, diag)
+    return na, nb, cross
 
 
 def _ov_cost(fa: Form, fb: Form, diag: bool = False) -> Tensor:
     """Squared distance between per-layer-normalised OV products X_h = O_h V_g (gauge-spec
     §4.4a), for every head pair or (``diag``) for matched heads."""
+    return _normalised_dist2(*_ov_terms(fa, fb, diag), diag)
+
+
+def _ov_terms(fa: Form, fb: Form, diag: bool) -> tuple[Tensor, Tensor, Tensor]:
     s = fa.sym
     gidx = torch.arange(s.n_heads, device=fa.O.device) // s.group_size
     Va, Vb = fa.V[gidx], fb.V[gidx]  # (nh, dh, P)
@@ -293,7 +302,7 @@ def _ov_cost(fa: Form, fb: Form, diag: bool = False) -> Tensor:
     OaOb = _pairwise("aki,bkj->abij", fa.O, fb.O, diag)  # Oaᵀ Ob (.., dh, dh)
     VaVb = _pairwise("aip,bjp->abij", Va, Vb, diag)  # Va Vbᵀ
     cross = (OaOb * VaVb).sum((-1, -2))  # tr(Oaᵀ Ob Vb Vaᵀ)
-    return _normalised_dist2(na, nb, cross, diag)
+    return na, nb, cross
 
 
 def _permuted(f: Form, perm: Tensor) -> Form:
@@ -303,13 +312,29 @@ def _permuted(f: Form, perm: Tensor) -> Form:
     return replace(f, Q=f.Q[perm], K=f.K[gperm], V=f.V[gperm], O=f.O[perm])
 
 
-def _circuit_residuals(fa: Form, fb: Form) -> dict[str, float]:
+def _circuit_residuals(fa: Form, fb: Form, groups_per_chunk: int = 2) -> dict[str, float]:
     """Reported circuit distances for matched heads, in float64: the trace formulas subtract
-    nearly equal numbers, and in float32 a zero distance would read as ~3e-4."""
-    a = replace(fa, Q=fa.Q.double(), K=fa.K.double(), V=fa.V.double(), O=fa.O.double())
-    b = replace(fb, Q=fb.Q.double(), K=fb.K.double(), V=fb.V.double(), O=fb.O.double())
-    return {"qk_circuit": float(_qk_form_cost(a, b, diag=True).sum().sqrt()),
-            "ov_circuit": float(_ov_cost(a, b, diag=True).sum().sqrt())}
+    nearly equal numbers, and in float32 a zero distance would read as ~3e-4. The float64
+    copies are made a few KV groups at a time (each head's terms are independent; only the
+    layer-wide normalisation needs them all)."""
+    s = fa.sym
+    r = s.group_size
+    terms: dict[str, list[list[Tensor]]] = {"qk": [[], [], []], "ov": [[], [], []]}
+    for g0 in range(0, s.n_kv_heads, groups_per_chunk):
+        g1 = min(s.n_kv_heads, g0 + groups_per_chunk)
+        sym = replace(s, n_heads=(g1 - g0) * r, n_kv_heads=g1 - g0)
+
+        def part(f: Form) -> Form:
+            return replace(f, sym=sym, Q=f.Q[g0 * r:g1 * r].double(), K=f.K[g0:g1].double(),
+                           V=f.V[g0:g1].double(), O=f.O[g0 * r:g1 * r].double())
+
+        a, b = part(fa), part(fb)
+        for name, fn in (("qk", _qk_terms), ("ov", _ov_terms)):
+            for acc, t in zip(terms[name], fn(a, b, diag=True)):
+                acc.append(t)
+    return {f"{name}_circuit": float(_normalised_dist2(*(torch.cat(t) for t in terms[name]), diag=True)
+                                     .sum().sqrt())
+            for name in ("qk", "ov")}
 
 
 def _fit_qk(Qa: Tensor, Ka: Tensor, fa: Form, fb: Form) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
@@ -399,12 +424,24 @@ def _mlp_residuals(fa: Form, fb: Form, sigma: np.ndarray, glu: bool,
     return torch.cat(signs), {k: v ** 0.5 for k, v in sq.items()}
 
 
+AWAIT = object()
+"""Yielded by a comparison once it has done all it can without its assignment's answer."""
+
+
 def run_steps(gen) -> dict[str, float]:
-    """Drive a comparison generator to the end, solving each yielded assignment in place."""
+    """Drive a comparison generator to the end, solving its assignment in place.
+
+    The protocol (what :func:`drift.analysis.analyze` drives with worker processes): the
+    generator yields its assignment problem (a cost to *maximise*) and receives ``None``;
+    goes on with the work that does not need the answer; yields :data:`AWAIT` and receives
+    the assignment; returns its residuals. A comparison without an assignment just returns.
+    """
     try:
         cost = next(gen)
-        while True:
-            cost = gen.send(lap(cost, maximize=True))
+        if gen.send(None) is not AWAIT:
+            raise AssertionError("a comparison must yield AWAIT after its assignment")
+        gen.send(lap(cost, maximize=True))
+        raise AssertionError("a comparison yielded a second assignment")
     except StopIteration as stop:
         return stop.value
 
@@ -419,11 +456,11 @@ def exact_compare(fa: Form, fb: Form, details: dict | None = None) -> dict[str, 
 
 
 def exact_compare_steps(fa: Form, fb: Form, details: dict | None = None):
-    """:func:`exact_compare` as a generator that yields its one large assignment problem
-    (the MLP units) first, so that a driver can solve it elsewhere while it prepares the next
-    comparison (see :func:`drift.analysis.analyze`)."""
+    """:func:`exact_compare` as a generator (protocol: :func:`run_steps`): it yields its one
+    large assignment problem (the MLP units) first, aligns the heads while a driver solves it
+    elsewhere, then yields :data:`AWAIT` for the answer (see :func:`drift.analysis.analyze`)."""
     s = fa.sym
-    sigma = yield _mlp_cost(fa, fb, s.is_glu)
+    yield _mlp_cost(fa, fb, s.is_glu)  # solved elsewhere while the heads are aligned
     qk = _qk_form_cost(fa, fb)
     ov = _ov_cost(fa, fb)
     perm = match_heads(qk + ov, s.n_kv_heads)  # perm[h_b] = h_a
@@ -442,6 +479,7 @@ def exact_compare_steps(fa: Form, fb: Form, details: dict | None = None):
     out.update(q_proj=float(fro(Qa - fb.Q)), k_proj=float(fro(Ka - fb.K)),
                v_proj=float(fro(Va - fb.V)), o_proj=float(fro(Oa - fb.O)))
 
+    sigma = yield AWAIT
     sign, mlp = _mlp_residuals(fa, fb, sigma, s.is_glu)
     out.update(mlp)
     if details is not None:
