@@ -157,10 +157,16 @@ def reference_cmd(ref: Path, ckpt: Path, a: int, b: int, out: Path) -> list[str]
             "--block-end", str(b), "--out", str(out)]
 
 
-def drift_cmd(ckpt: Path, a: int, b: int, method: str, pairs: str, device: str, out: Path) -> list[str]:
+def drift_cmd(ckpt: Path, a: int, b: int, method: str, pairs: str, device: str, out: Path,
+              n_null: int = 1) -> list[str]:
     return [sys.executable, "-m", "drift", "analyze", "--model", str(ckpt), "--block-start", str(a),
             "--block-end", str(b), "--method", method, "--pairs", pairs, "--out", str(out),
-            "--device", device]
+            "--device", device, "--n-null", str(n_null)]
+
+
+def drift_run_name(method: str, n_null: int) -> str:
+    """``drift exact`` with the default null; ``drift exact, no null`` is the reference's work."""
+    return f"drift {method}" + ("" if n_null == 1 else ", no null" if n_null == 0 else f", n_null={n_null}")
 
 
 FLOORS = {
@@ -287,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="passed to drift (the reference only does consecutive pairs)")
     ap.add_argument("--methods", default="exact,rotation",
                     help="comma-separated drift methods, each run separately")
+    ap.add_argument("--n-null", default="0,1",
+                    help="comma-separated drift --n-null values, one run each per method (0: no null, "
+                         "the same work as the reference; 1: drift's default)")
     ap.add_argument("--device", default="cpu", help="passed to drift (the reference runs on CPU)")
     ap.add_argument("--skip-reference", action="store_true")
     ap.add_argument("--skip-drift", action="store_true")
@@ -321,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     shape = synth.SHAPES[args.shape]
     a, b = args.block_start, args.block_end
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    n_nulls = [int(x) for x in args.n_null.split(",") if x.strip()]
     layers = args.layers or (shape.n_layers if args.shape == "0.6b" else b + 1)
     if not 0 <= a < b < layers:
         ap.error(f"block {a}..{b} must satisfy 0 <= start < end < layers ({layers})")
@@ -351,11 +361,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.skip_drift:
         skipped["drift"] = "--skip-drift"
     else:
-        problem = drift_cli_problem(env)
+        problem = drift_cli_problem(env, ("--n-null",))
         if problem:
             skipped["drift"] = problem
         else:
-            todo += [(f"drift {m}", "drift", m) for m in methods]
+            todo += [(drift_run_name(m, k), "drift", (m, k)) for m in methods for k in n_nulls]
     for what, why in skipped.items():
         say(f"SKIP {what}: {why}")
 
@@ -380,12 +390,12 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[dict] = []
     for rep in range(args.repeat):
         for name, kind, method in todo:
-            stem = name.replace(" ", "-") + (f"-r{rep}" if args.repeat > 1 else "")
+            stem = name.replace(", ", "-").replace(" ", "-").replace("=", "") + (f"-r{rep}" if args.repeat > 1 else "")
             out, log = out_dir / f"{stem}.json", out_dir / f"{stem}.log"
             if kind == "reference":
                 cmd = reference_cmd(args.reference, ckpt, a, b, out)
             elif kind == "drift":
-                cmd = drift_cmd(ckpt, a, b, method, args.pairs, args.device, out)
+                cmd = drift_cmd(ckpt, a, b, method[0], args.pairs, args.device, out, n_null=method[1])
             else:
                 cmd = FLOORS[method]
             # A fresh, empty result cache per run: a cache hit must never pass for a timing.
@@ -415,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
         "time": stamp, "shape": args.shape, "checkpoint": str(ckpt), "layers": layers,
         "n_params": n_params, "block_start": a, "block_end": b, "pairs": args.pairs,
         "n_pairs": n_block - 1 if args.pairs == "consecutive" else n_block * (n_block - 1) // 2,
-        "methods": methods, "device": args.device, "repeat": args.repeat,
+        "methods": methods, "n_null": n_nulls, "device": args.device, "repeat": args.repeat,
         "reference": str(args.reference), "warm_cache": not args.no_warm_cache,
         "threads": args.threads, "cpu_count": os.cpu_count(), "mem_total_gib": os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / GiB,
         "platform": platform.platform(), "versions": _versions(), "git_start": git_start, "git_end": _git(),

@@ -22,6 +22,10 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.float64, "fp64": torch.float64}
 
 
+FORM_BUDGET = 1 << 30
+"""Default bytes of layer forms that :func:`analyze` keeps in host memory at once (at least two)."""
+
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """``auto`` picks CUDA when available, else CPU."""
     if str(device) == "auto":
@@ -43,7 +47,8 @@ def layer_pairs(layers: Sequence[int], pairs: str) -> list[tuple[int, int]]:
 
 def analyze(model: str | LayerReader, layers: Iterable[int] | None = None, pairs: str = "consecutive",
             method: str = "exact", seed: int = 0, n_null: int = 1, dtype: str | torch.dtype = "float32",
-            device: str | torch.device = "auto", progress: bool = True) -> AnalysisResult:
+            device: str | torch.device = "auto", progress: bool = True,
+            form_budget: int = FORM_BUDGET) -> AnalysisResult:
     """Drift between pairs of layers of ``model``, per weight family.
 
     Args:
@@ -60,6 +65,8 @@ def analyze(model: str | LayerReader, layers: Iterable[int] | None = None, pairs
         dtype: ``float32`` (default) or ``float64`` for all arithmetic.
         device: ``auto`` | ``cpu`` | ``cuda``.
         progress: show a tqdm bar over pairs.
+        form_budget: bytes of layer forms to keep in host memory at once (always at least
+            two forms). Below ``n_layers`` forms, all-pairs runs make some forms more than once.
 
     Returns:
         An :class:`AnalysisResult`: one row per (family, pair) with ``residual`` (unit-normalised
@@ -93,13 +100,14 @@ def analyze(model: str | LayerReader, layers: Iterable[int] | None = None, pairs
 
     forms: dict[int, object] = {}
     uses = {L: [k for k, p in enumerate(plist) if L in p] for L in layers}
+    form_bytes = [0]  # the size of one form, once one is made
 
     def form(L: int):
         if L not in forms:
-            layer = reader.read(L).map(lambda t: t.to(device=dev, dtype=tdtype))
-            forms[L] = form_fn(layer)
-            del layer
+            forms[L] = form_fn(reader.read(L).map(lambda t: t.to(device=dev, dtype=tdtype)), consume=True)
             release_memory()
+            if not form_bytes[0]:
+                form_bytes[0] = _nbytes(forms[L])
         return forms[L]
 
     gen = torch.Generator().manual_seed(int(seed))
@@ -143,8 +151,8 @@ def analyze(model: str | LayerReader, layers: Iterable[int] | None = None, pairs
         k, j = task
         a, b = plist[k]
         fa, fb = form(a), form(b)
-        if j:
-            fb = fb.rotate_residual(rotations[j - 1]).shuffle_gains(null_gens[k])
+        if j:  # exact rotates the MLP blocks as it reads them: no rotated copy of the MLP
+            fb = fb.rotate_residual(rotations[j - 1], lazy_mlp=method == "exact").shuffle_gains(null_gens[k])
         gen = steps_fn(fa, fb)
         try:
             fut = lap_submit(next(gen), maximize=True)
@@ -156,6 +164,25 @@ def analyze(model: str | LayerReader, layers: Iterable[int] | None = None, pairs
             return None
 
     inflight: deque = deque()
+
+    # Forms held in host memory stay within `form_budget` bytes where the pair order allows:
+    # before a comparison needs a new form, earlier comparisons are finished (their forms
+    # dropped) and, if still over, forms that the next pair does not use are dropped and made
+    # again when needed. At the 4B shape (0.4 GB a form) this keeps two forms, not four.
+    budget = form_budget if dev.type == "cpu" else float("inf")
+
+    def over(pair: tuple[int, int]) -> bool:
+        new = sum(L not in forms for L in set(pair))
+        return bool(new) and (len(forms) + new) * form_bytes[0] > max(budget, 2 * form_bytes[0])
+
+    def make_room(pair: tuple[int, int]) -> None:
+        while inflight and over(pair):
+            finish_oldest()
+        if over(pair):
+            for L in [L for L in forms if L not in pair]:
+                if over(pair):
+                    forms.pop(L)
+            release_memory()
 
     def finish_oldest() -> None:
         task, gen, fut = inflight.popleft()
@@ -173,6 +200,7 @@ def analyze(model: str | LayerReader, layers: Iterable[int] | None = None, pairs
     try:
         with lap_pool(workers):
             for task in ((k, j) for k in range(len(plist)) for j in range(1 + n_null)):
+                make_room(plist[task[0]])
                 started = start(task)
                 if started is not None:
                     inflight.append((task, *started))
@@ -214,6 +242,19 @@ def analyze(model: str | LayerReader, layers: Iterable[int] | None = None, pairs
         rho="residual / null (0: identical up to the removed gauge; 1: as different as unrelated)",
     )
     return AnalysisResult(df, meta)
+
+
+def _nbytes(form) -> int:
+    """Bytes held by a form's tensors."""
+    from dataclasses import fields
+
+    total = 0
+    for f in fields(form):
+        v = getattr(form, f.name)
+        for t in (v.values() if isinstance(v, dict) else [v]):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
 
 
 def _workers(d_ff: int, n_tasks: int, method: str) -> int:

@@ -69,9 +69,16 @@ class Form:
     G: Tensor | None = None  # (d_ff, P_m)
     gains: dict[str, Tensor] = field(default_factory=dict)
     pair_gains: tuple[str, ...] = ()  # gains permuted by RoPE pair under the null (q/k-norm)
+    mlp_rot: Tensor | None = None  # a residual rotation still to be applied to G, U, D (lazy)
 
-    def rotate_residual(self, R: Tensor) -> "Form":
-        """The structure-preserving null partner: readers W ← W Rᵀ, writers W ← R W."""
+    def rotate_residual(self, R: Tensor, lazy_mlp: bool = False) -> "Form":
+        """The structure-preserving null partner: readers W ← W Rᵀ, writers W ← R W.
+
+        ``lazy_mlp``: leave G, U and D as they are and record R in ``mlp_rot``; the MLP code
+        of ``exact`` (:func:`mlp_rows`, :func:`mlp_down_cols`) rotates the blocks of units it
+        reads, so the null holds no rotated copy of the largest matrices (4B: 0.3 GB)."""
+        if self.mlp_rot is not None:
+            raise ValueError("this form already carries a lazy residual rotation")
         H = self.H
 
         def rd(W: Tensor | None) -> Tensor | None:
@@ -81,6 +88,8 @@ class Form:
                 return W @ R.T
             return torch.cat([W[..., :H] @ R.T, W[..., H:]], dim=-1)  # bias column stays
 
+        if lazy_mlp:
+            return replace(self, Q=rd(self.Q), K=rd(self.K), V=rd(self.V), O=R @ self.O, mlp_rot=R)
         return replace(self, Q=rd(self.Q), K=rd(self.K), V=rd(self.V), G=rd(self.G), U=rd(self.U),
                        O=R @ self.O, D=R @ self.D)
 
@@ -99,11 +108,19 @@ class Form:
 
 # =========================================================================== exact
 
-def _fold(layer: CanonicalLayer) -> dict[str, Tensor | None]:
+def _fold(layer: CanonicalLayer, consume: bool = False) -> dict[str, Tensor | None]:
     """Fold pre-norm gains into readers; for LayerNorm models also project out the reader
     null direction, fold β into reader biases, centre writers, drop b_K on non-rotary dims
-    and fold b_V into b_O. Returns augmented reader matrices Q, K, V, G, U and writers O, D."""
+    and fold b_V into b_O. Returns augmented reader matrices Q, K, V, G, U and writers O, D.
+    ``consume``: let go of each of the layer's weight matrices once it is used."""
     s = layer.sym
+
+    def take(name: str) -> Tensor | None:
+        t = getattr(layer, name)
+        if consume:
+            setattr(layer, name, None)
+        return t
+
     H = s.d_model
     gam_a, beta_a = layer.norms["attn_in"]
     gam_m, beta_m = layer.norms["mlp_in"]
@@ -118,12 +135,12 @@ def _fold(layer: CanonicalLayer) -> dict[str, Tensor | None]:
             Wf = Wf - Wf.mean(-1, keepdim=True)  # W diag(γ) (I − 11ᵀ/H): LN output ⊥ 1
         return Wf, b
 
-    Q, bQ = reader(layer.W_Q, layer.b_Q, gam_a, beta_a)
-    K, bK = reader(layer.W_K, layer.b_K, gam_a, beta_a)
-    V, bV = reader(layer.W_V, layer.b_V, gam_a, beta_a)
-    G, bG = reader(layer.W_gate, layer.b_gate, gam_m, beta_m)
-    U, bU = reader(layer.W_up, layer.b_up, gam_m, beta_m)
-    O, D = layer.W_O, layer.W_down
+    Q, bQ = reader(take("W_Q"), layer.b_Q, gam_a, beta_a)
+    K, bK = reader(take("W_K"), layer.b_K, gam_a, beta_a)
+    V, bV = reader(take("W_V"), layer.b_V, gam_a, beta_a)
+    G, bG = reader(take("W_gate"), layer.b_gate, gam_m, beta_m)
+    U, bU = reader(take("W_up"), layer.b_up, gam_m, beta_m)
+    O, D = take("W_O"), take("W_down")
     if layer_norm:  # every reader of the residual is a LayerNorm: writers' means are invisible
         O = O - O.mean(-2, keepdim=True)
         D = D - D.mean(-2, keepdim=True)
@@ -160,12 +177,18 @@ def _group_unstack(X: Tensor, r: int) -> Tensor:
     return X.reshape(nkv, d, r, rP // r).permute(0, 2, 1, 3).reshape(nkv * r, d, rP // r)
 
 
-def exact_form(layer: CanonicalLayer) -> Form:
-    """Per-layer canonical representative under the exact group, up to the compact part."""
+def exact_form(layer: CanonicalLayer, consume: bool = False) -> Form:
+    """Per-layer canonical representative under the exact group, up to the compact part.
+
+    ``consume=True`` gives the layer up: its weight matrices are released as soon as they
+    are folded (the layer is left with ``None`` in their place), so that making a form needs
+    about one layer of memory instead of two (4B shape: 0.4 GB each)."""
     s = layer.sym
     r, rd = s.group_size, s.rotary_dims
-    f = _fold(layer)
+    W_down = layer.W_down
+    f = _fold(layer, consume)
     Q, K, V, O, G, U, D = f["Q"], f["K"], f["V"], f["O"], f["G"], f["U"], f["D"]
+    del f
 
     # ---- QK
     if s.qk_norm:  # per-head scale is a gauge: unit-normalise every head
@@ -193,11 +216,13 @@ def exact_form(layer: CanonicalLayer) -> Form:
     # ---- MLP: GLU units balanced between up and down
     if s.is_glu:
         k = (D.norm(dim=0).clamp_min(EPS) / U.norm(dim=1).clamp_min(EPS)).sqrt()  # (d_ff,)
-        U, D = U * k[:, None], D / k[None, :]
+        U = U.mul_(k[:, None])  # U is the fold's own copy
+        D = D / k[None, :]
+    if D is W_down:
+        D = D.clone()  # normalised in place below: never write into the layer's tensors
+    del W_down
 
     gains, pair_gains = _norm_gains(layer, exact=True)
-    if D is layer.W_down:  # normalised in place below: never touch the caller's layer
-        D = D.clone()
     return Form(sym=s, method="exact", H=s.d_model, Q=_unit_(Q), K=_unit_(K), V=_unit_(V), O=_unit_(O),
                 U=_unit_(U), D=_unit_(D), G=None if G is None else _unit_(G), gains=gains,
                 pair_gains=pair_gains)
@@ -382,16 +407,36 @@ def _fit_qk(Qa: Tensor, Ka: Tensor, fa: Form, fb: Form) -> tuple[Tensor, Tensor,
     return Qa, Ka, gains
 
 
+def mlp_rows(f: Form, W: Tensor, j0: int, j1: int) -> Tensor:
+    """Rows j0:j1 (MLP units) of the reader ``W`` (f.G or f.U), with f's lazy rotation."""
+    X = W[j0:j1]
+    R = f.mlp_rot
+    if R is None:
+        return X
+    if X.shape[-1] == f.H:
+        return X @ R.T
+    return torch.cat([X[:, :f.H] @ R.T, X[:, f.H:]], dim=-1)
+
+
+def mlp_down_cols(f: Form, j0: int, j1: int) -> Tensor:
+    """Columns j0:j1 (MLP units) of f.D, with f's lazy rotation."""
+    X = f.D[:, j0:j1]
+    return X if f.mlp_rot is None else f.mlp_rot @ X
+
+
 def _mlp_cost(fa: Form, fb: Form, glu: bool) -> BlockCost:
     """The unit similarity to *maximise* (gauge-spec §4.6), (F_b, F_a): for GLU
     ⟨g_b, g_a⟩ + |⟨u_b, u_a⟩ + ⟨d_b, d_a⟩| (a unit's sign flips u and d together), else the
     plain inner product. Made in blocks of B units, so no F×F matrix is ever held in torch."""
+    if fa.mlp_rot is not None:
+        raise ValueError("only layer B of a comparison may carry a lazy rotation")
+
     def block(j0: int, j1: int) -> Tensor:
-        S = fb.U[j0:j1] @ fa.U.T
-        S.addmm_(fb.D[:, j0:j1].T, fa.D)
+        S = mlp_rows(fb, fb.U, j0, j1) @ fa.U.T
+        S.addmm_(mlp_down_cols(fb, j0, j1).T, fa.D)
         if glu:
             S.abs_()
-            S.addmm_(fb.G[j0:j1], fa.G.T)
+            S.addmm_(mlp_rows(fb, fb.G, j0, j1), fa.G.T)
         return S
 
     return BlockCost((fb.U.shape[0], fa.U.shape[0]), block)
@@ -406,8 +451,9 @@ def _mlp_residuals(fa: Form, fb: Form, sigma: np.ndarray, glu: bool,
     signs = []
     for j0 in range(0, len(sg), rows):
         idx = sg[j0:j0 + rows]
-        Ua, Ub = fa.U[idx], fb.U[j0:j0 + rows]
-        Da, Db = fa.D[:, idx], fb.D[:, j0:j0 + rows]
+        j1 = j0 + len(idx)
+        Ua, Ub = fa.U[idx], mlp_rows(fb, fb.U, j0, j1)
+        Da, Db = fa.D[:, idx], mlp_down_cols(fb, j0, j1)
         if glu:
             sign = torch.sign((Ua * Ub).sum(1) + (Da * Db).sum(0))
             sign = torch.where(sign == 0, torch.ones_like(sign), sign)
@@ -418,7 +464,7 @@ def _mlp_residuals(fa: Form, fb: Form, sigma: np.ndarray, glu: bool,
         sq["up_proj"] += float(((Ua - Ub) ** 2).sum())
         sq["down_proj"] += float(((Da - Db) ** 2).sum())
         if fa.G is not None:
-            sq["gate_proj"] += float(((fa.G[idx] - fb.G[j0:j0 + rows]) ** 2).sum())
+            sq["gate_proj"] += float(((fa.G[idx] - mlp_rows(fb, fb.G, j0, j1)) ** 2).sum())
     if fa.G is None:
         del sq["gate_proj"]
     return torch.cat(signs), {k: v ** 0.5 for k, v in sq.items()}
@@ -511,6 +557,8 @@ def rotation_compare(fa: Form, fb: Form, fit: bool = True) -> dict[str, float]:
     """Per-family residuals with one O(d_head) rotation per query head (R_h = polar(Σ B Aᵀ),
     orientation corrected) and one O(d_ff) rotation of the MLP units; the mean over heads is
     reported for q/k/v/o, as the reference does. ``fit=False`` gives the raw distances."""
+    if fa.mlp_rot is not None or fb.mlp_rot is not None:
+        raise ValueError("rotation_compare needs eagerly rotated forms (rotate_residual(R))")
     Qa, Ka, Va, Oa = fa.Q, fa.K, fa.V, fa.O
     if fit:
         t = lambda X: X.transpose(-1, -2)  # noqa: E731
@@ -547,10 +595,10 @@ def _no_assignment(fn: CompareFn) -> Callable:
 
 METHOD_FORMS: dict[str, FormFn] = {
     "exact": exact_form,
-    "rotation": lambda L: rotation_form(L, "rotation"),
-    "raw": lambda L: rotation_form(L, "raw"),
+    "rotation": lambda L, consume=False: rotation_form(L, "rotation"),
+    "raw": lambda L, consume=False: rotation_form(L, "raw"),
 }
-"""method -> per-layer form."""
+"""method -> per-layer form; ``consume=True`` lets it release the layer's tensors as it goes."""
 
 METHOD_STEPS: dict[str, Callable] = {
     "exact": exact_compare_steps,

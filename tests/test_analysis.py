@@ -129,6 +129,44 @@ def test_no_null_gives_the_same_residuals_and_nan_rho(unrelated, method, tmp_pat
     assert all(v is not None for vals in d["family_residuals"].values() for v in vals)
 
 
+@pytest.mark.parametrize("name", ["qwen3", "gpt2", "bert"])
+def test_consumed_form_and_lazy_null_rotation_change_nothing(unrelated, name):
+    """exact_form(consume=True) equals the non-consuming form and releases the layer's
+    matrices; the lazily rotated MLP of the null equals the eagerly rotated one."""
+    reader = LayerReader(Checkpoint.open(unrelated(name)), torch.float32)
+    fa = exact_form(reader.read(0))
+    layer = reader.read(1)
+    fb = exact_form(layer.clone())
+    fb_consumed = exact_form(layer, consume=True)
+    assert layer.W_up is None and layer.W_Q is None and layer.W_down is None
+    for key in ("Q", "K", "V", "O", "U", "D"):
+        assert torch.equal(getattr(fb, key), getattr(fb_consumed, key)), key
+    R = torch.linalg.qr(torch.randn(fb.H, fb.H, generator=torch.Generator().manual_seed(2)))[0]
+    eager = exact_compare(fa, fb.rotate_residual(R))
+    lazy = exact_compare(fa, fb.rotate_residual(R, lazy_mlp=True))
+    assert eager.keys() == lazy.keys()
+    for fam in eager:
+        assert lazy[fam] == pytest.approx(eager[fam], abs=2e-6), fam
+    assert abs(eager["up_proj"] - exact_compare(fa, fb)["up_proj"]) > 1e-3  # the null did rotate
+
+
+@pytest.mark.parametrize("pairs", ["consecutive", "all"])
+def test_a_small_form_budget_gives_the_same_result(unrelated, pairs, monkeypatch):
+    """With room for only two forms, analyze finishes and drops forms early (all pairs: makes
+    some again) and gets exactly the same numbers; consecutive pairs still read each layer once."""
+    folder = unrelated("llama")
+    full = drift.analyze(folder, pairs=pairs, progress=False)
+    reads: list[int] = []
+    original = LayerReader.read
+    monkeypatch.setattr(LayerReader, "read", lambda self, i: (reads.append(i), original(self, i))[1])
+    tight = drift.analyze(folder, pairs=pairs, progress=False, form_budget=1)
+    pd.testing.assert_frame_equal(full.df, tight.df)
+    if pairs == "consecutive":
+        assert sorted(reads) == [0, 1, 2, 3]
+    else:
+        assert len(reads) > 4 and set(reads) == {0, 1, 2, 3}
+
+
 def test_fp64_and_fp32_agree(unrelated):
     folder = unrelated("qwen3")
     a = drift.analyze(folder, layers=[1, 2], dtype="float32", progress=False).df
