@@ -158,6 +158,7 @@ def analyze(model: str | LayerReader, layers: Iterable[int] | None = None, pairs
             fut = lap_submit(next(gen), maximize=True)
             if next(gen) is not AWAIT:
                 raise AssertionError("a comparison must yield AWAIT after its assignment")
+            release_memory()
             return gen, fut
         except StopIteration as stop:
             finished(task, stop.value)

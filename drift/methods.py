@@ -166,6 +166,34 @@ def _from_complex(z: Tensor, W: Tensor, sym: LayerSymmetry) -> Tensor:
     return out
 
 
+def _halves(W: Tensor, sym: LayerSymmetry) -> tuple[Tensor, Tensor]:
+    """The real and imaginary parts of :func:`_complex_pairs` as views, without copies: the
+    RoPE pairs (i, i + m) of ``rotate_half`` are the head's rows :m and m:2m."""
+    m = sym.rope_pairs
+    i, j = rope_pair_index(sym)
+    assert int(i[-1]) == m - 1 and int(j[0]) == m, "RoPE pairs are (i, i + m)"
+    return W[..., :m, :], W[..., m:2 * m, :]
+
+
+def _cinner(xa: Tensor, ya: Tensor, xb: Tensor, yb: Tensor, spec: str) -> Tensor:
+    """Σ_p z_a conj(z_b) for z = x + i·y, contracted by the einsum ``spec``, from the real parts."""
+    re = torch.einsum(spec, xa, xb) + torch.einsum(spec, ya, yb)
+    im = torch.einsum(spec, ya, xb) - torch.einsum(spec, xa, yb)
+    return torch.complex(re, im)
+
+
+def _rotate_pairs_(W: Tensor, phase: Tensor, sym: LayerSymmetry, heads_per_step: int = 4) -> Tensor:
+    """In place: every RoPE pair z_i of head h of ``W`` (n, d_head, P) times phase[h, i]."""
+    x, y = _halves(W, sym)
+    cr, ci = phase.real.to(W.dtype)[..., None], phase.imag.to(W.dtype)[..., None]
+    for h0 in range(0, W.shape[0], heads_per_step):
+        h = slice(h0, h0 + heads_per_step)
+        x0 = x[h].clone()
+        x[h].mul_(cr[h]).addcmul_(y[h], ci[h], value=-1)  # x cr − y ci
+        y[h].mul_(cr[h]).addcmul_(x0, ci[h])  # y cr + x ci
+    return W
+
+
 def _group_stack(Q: Tensor, r: int) -> Tensor:
     """(n_heads, d, P) -> (n_kv, d, r·P): the query heads of a group side by side."""
     nh, d, P = Q.shape
@@ -285,6 +313,12 @@ def _qk_form_cost(fa: Form, fb: Form, diag: bool = False) -> Tensor:
     return _normalised_dist2(*_qk_terms(fa, fb, diag), diag)
 
 
+def _per_head(x: Tensor, gidx: Tensor, diag: bool) -> Tensor:
+    """A per-KV-head quantity (n_kv, ...) or per KV-head pair (n_kv, n_kv, ...) expanded to
+    query heads: K and V are never copied once per query head."""
+    return x[gidx] if diag else x[gidx][:, gidx]
+
+
 def _qk_terms(fa: Form, fb: Form, diag: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(‖form_a,h‖², ‖form_b,h‖², ⟨form_a,h, form_b,h'⟩) of :func:`_qk_form_cost`."""
     s = fa.sym
@@ -292,21 +326,26 @@ def _qk_terms(fa: Form, fb: Form, diag: bool) -> tuple[Tensor, Tensor, Tensor]:
     gidx = torch.arange(s.n_heads, device=fa.Q.device) // r
     na = nb = cross = 0
     if rd:
-        za, zb = _complex_pairs(fa.Q, s), _complex_pairs(fb.Q, s)  # (nh, m, P)
-        ka, kb = _complex_pairs(fa.K, s)[gidx], _complex_pairs(fb.K, s)[gidx]  # (nh, m, P)
-        na = ((za.abs() ** 2).sum(-1) * (ka.abs() ** 2).sum(-1)).sum(-1)  # (nh,): Σ_i |form_i|²
-        nb = ((zb.abs() ** 2).sum(-1) * (kb.abs() ** 2).sum(-1)).sum(-1)
-        qq = _pairwise("amp,bmp->abm", za, zb.conj(), diag)  # ⟨za, zb⟩
-        kk = _pairwise("amp,bmp->abm", ka, kb.conj(), diag)  # ⟨ka, kb⟩
+        qa, qb = _halves(fa.Q, s), _halves(fb.Q, s)  # z = x + i·y, each (nh, m, P)
+        ka, kb = _halves(fa.K, s), _halves(fb.K, s)  # (nkv, m, P)
+
+        def sq(z: tuple[Tensor, Tensor]) -> Tensor:  # |z_i|² per head and pair
+            return torch.linalg.vector_norm(z[0], dim=-1) ** 2 + torch.linalg.vector_norm(z[1], dim=-1) ** 2
+
+        na = (sq(qa) * sq(ka)[gidx]).sum(-1)  # (nh,): Σ_i |form_i|²
+        nb = (sq(qb) * sq(kb)[gidx]).sum(-1)
+        spec = "amp,amp->am" if diag else "amp,bmp->abm"
+        qq = _cinner(*qa, *qb, spec)  # ⟨za, zb⟩
+        kk = _per_head(_cinner(*ka, *kb, spec), gidx, diag)  # ⟨ka, kb⟩
         cross = (qq.conj() * kk).real.sum(-1)  # Re(⟨zb,za⟩⟨ka,kb⟩)
     if rd < s.d_head:
         Qa, Qb = fa.Q[:, rd:], fb.Q[:, rd:]  # (nh, dp, P)
-        Ka, Kb = fa.K[gidx, rd:], fb.K[gidx, rd:]
+        Ka, Kb = fa.K[:, rd:], fb.K[:, rd:]  # (nkv, dp, P)
         t = lambda X: X.transpose(-1, -2)  # noqa: E731
-        na = na + ((Qa @ t(Qa)) * (Ka @ t(Ka))).sum((-1, -2))  # tr(QQᵀ KKᵀ), both symmetric
-        nb = nb + ((Qb @ t(Qb)) * (Kb @ t(Kb))).sum((-1, -2))
+        na = na + ((Qa @ t(Qa)) * (Ka @ t(Ka))[gidx]).sum((-1, -2))  # tr(QQᵀ KKᵀ), both symmetric
+        nb = nb + ((Qb @ t(Qb)) * (Kb @ t(Kb))[gidx]).sum((-1, -2))
         QaQb = _pairwise("aip,bjp->abij", Qa, Qb, diag)  # Qa Qbᵀ
-        KaKb = _pairwise("aip,bjp->abij", Ka, Kb, diag)
+        KaKb = _per_head(_pairwise("aip,bjp->abij", Ka, Kb, diag), gidx, diag)
         cross = cross + (QaQb * KaKb).sum((-1, -2))  # tr(Qa Qbᵀ Kb Kaᵀ)
     return na, nb, cross
 
@@ -317,17 +356,28 @@ def _ov_cost(fa: Form, fb: Form, diag: bool = False) -> Tensor:
     return _normalised_dist2(*_ov_terms(fa, fb, diag), diag)
 
 
-def _ov_terms(fa: Form, fb: Form, diag: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _ov_terms(fa: Form, fb: Form, diag: bool, heads_per_step: int = 8) -> tuple[Tensor, Tensor, Tensor]:
     s = fa.sym
-    gidx = torch.arange(s.n_heads, device=fa.O.device) // s.group_size
-    Va, Vb = fa.V[gidx], fb.V[gidx]  # (nh, dh, P)
+    r = s.group_size
+    gidx = torch.arange(s.n_heads, device=fa.O.device) // r
     t = lambda X: X.transpose(-1, -2)  # noqa: E731
-    na = ((t(fa.O) @ fa.O) * (Va @ t(Va))).sum((-1, -2))
-    nb = ((t(fb.O) @ fb.O) * (Vb @ t(Vb))).sum((-1, -2))
-    OaOb = _pairwise("aki,bkj->abij", fa.O, fb.O, diag)  # Oaᵀ Ob (.., dh, dh)
-    VaVb = _pairwise("aip,bjp->abij", Va, Vb, diag)  # Va Vbᵀ
-    cross = (OaOb * VaVb).sum((-1, -2))  # tr(Oaᵀ Ob Vb Vaᵀ)
-    return na, nb, cross
+    na = ((t(fa.O) @ fa.O) * (fa.V @ t(fa.V))[gidx]).sum((-1, -2))
+    nb = ((t(fb.O) @ fb.O) * (fb.V @ t(fb.V))[gidx]).sum((-1, -2))
+    if diag:
+        OaOb = torch.einsum("aki,akj->aij", fa.O, fb.O)  # Oaᵀ Ob
+        cross = (OaOb * torch.einsum("aip,ajp->aij", fa.V, fb.V)[gidx]).sum((-1, -2))  # tr(Oaᵀ Ob Vb Vaᵀ)
+        return na, nb, cross
+    # every head pair, a few KV groups of A at a time: (heads, n_heads, d_head, d_head) blocks
+    nkv, dh = s.n_kv_heads, s.d_head
+    step = max(1, heads_per_step // r)
+    rows = []
+    for g0 in range(0, nkv, step):
+        g1 = min(nkv, g0 + step)
+        OaOb = torch.einsum("aki,bkj->abij", fa.O[g0 * r:g1 * r], fb.O)
+        VaVb = torch.einsum("aip,bjp->abij", fa.V[g0:g1], fb.V)  # per KV-group pair
+        rows.append(torch.einsum("gxhyij,ghij->gxhy", OaOb.reshape(g1 - g0, r, nkv, r, dh, dh), VaVb)
+                    .reshape((g1 - g0) * r, nkv * r))
+    return na, nb, torch.cat(rows)
 
 
 def _permuted(f: Form, perm: Tensor) -> Form:
@@ -337,7 +387,7 @@ def _permuted(f: Form, perm: Tensor) -> Form:
     return replace(f, Q=f.Q[perm], K=f.K[gperm], V=f.V[gperm], O=f.O[perm])
 
 
-def _circuit_residuals(fa: Form, fb: Form, groups_per_chunk: int = 2) -> dict[str, float]:
+def _circuit_residuals(fa: Form, fb: Form, groups_per_chunk: int = 1) -> dict[str, float]:
     """Reported circuit distances for matched heads, in float64: the trace formulas subtract
     nearly equal numbers, and in float32 a zero distance would read as ~3e-4. The float64
     copies are made a few KV groups at a time (each head's terms are independent; only the
@@ -363,14 +413,14 @@ def _circuit_residuals(fa: Form, fb: Form, groups_per_chunk: int = 2) -> dict[st
 
 
 def _fit_qk(Qa: Tensor, Ka: Tensor, fa: Form, fb: Form) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-    """Fit the compact QK gauge left after balancing; returns aligned (Qa, Ka) and gains."""
+    """Fit the compact QK gauge left after balancing; returns aligned (Qa, Ka) and gains.
+    ``Qa`` and ``Ka`` are the caller's own copies: the RoPE phases are applied in place."""
     s = fa.sym
     r, rd = s.group_size, s.rotary_dims
     gains = dict(fa.gains)
     if rd:
-        za, zb = _complex_pairs(Qa, s), _complex_pairs(fb.Q, s)  # (nh, m, P)
-        ka, kb = _complex_pairs(Ka, s), _complex_pairs(fb.K, s)  # (nkv, m, P)
-        c = (za * zb.conj()).sum(-1).reshape(s.n_kv_heads, r, -1).sum(1) + (ka * kb.conj()).sum(-1)  # (nkv, m)
+        c = (_cinner(*_halves(Qa, s), *_halves(fb.Q, s), "hmp,hmp->hm").reshape(s.n_kv_heads, r, -1).sum(1)
+             + _cinner(*_halves(Ka, s), *_halves(fb.K, s), "hmp,hmp->hm"))  # (nkv, m): Σ za conj(zb)
         if s.qk_norm:
             # layer-wide t ∈ {0, 1} per pair (multiply by i^t and swap the pair's gains), then a sign per group
             i, j = rope_pair_index(s)
@@ -395,9 +445,8 @@ def _fit_qk(Qa: Tensor, Ka: Tensor, fa: Form, fb: Form) -> tuple[Tensor, Tensor,
                 gains[name] = g
         else:
             phase = c.conj() / c.abs().clamp_min(EPS)  # e^{iα} = conj(c)/|c|
-        za = za * phase.repeat_interleave(r, 0)[..., None]
-        ka = ka * phase[..., None]
-        Qa, Ka = _from_complex(za, Qa, s), _from_complex(ka, Ka, s)
+        Qa = _rotate_pairs_(Qa, phase.repeat_interleave(r, 0), s)
+        Ka = _rotate_pairs_(Ka, phase, s)
     if rd < s.d_head:  # O(d_p) on the balanced non-rotary dims, jointly over the group's Q and K
         A = torch.cat([_group_stack(Qa[:, rd:], r), Ka[:, rd:]], dim=-1)  # (nkv, dp, (r+1)P)
         B = torch.cat([_group_stack(fb.Q[:, rd:], r), fb.K[:, rd:]], dim=-1)
@@ -443,7 +492,7 @@ def _mlp_cost(fa: Form, fb: Form, glu: bool) -> BlockCost:
 
 
 def _mlp_residuals(fa: Form, fb: Form, sigma: np.ndarray, glu: bool,
-                   rows: int = 1024) -> tuple[Tensor, dict[str, float]]:
+                   rows: int = 512) -> tuple[Tensor, dict[str, float]]:
     """Residuals of the matched MLP units (B's unit j against A's unit sigma[j]), and the
     GLU signs, computed in blocks of units: (sign, {gate_proj, up_proj, down_proj})."""
     sg = torch.as_tensor(sigma, device=fa.U.device)
@@ -507,32 +556,49 @@ def exact_compare_steps(fa: Form, fb: Form, details: dict | None = None):
     elsewhere, then yields :data:`AWAIT` for the answer (see :func:`drift.analysis.analyze`)."""
     s = fa.sym
     yield _mlp_cost(fa, fb, s.is_glu)  # solved elsewhere while the heads are aligned
-    qk = _qk_form_cost(fa, fb)
-    ov = _ov_cost(fa, fb)
-    perm = match_heads(qk + ov, s.n_kv_heads)  # perm[h_b] = h_a
-    fa = _permuted(fa, torch.as_tensor(perm, device=qk.device))
-    out = _circuit_residuals(fa, fb)
-
-    Qa, Ka, Va, Oa = fa.Q, fa.K, fa.V, fa.O
-    Qa, Ka, gains = _fit_qk(Qa, Ka, fa, fb)
-    # VO: O(d_head) per group on the balanced factors (V and the stacked Oᵀ)
-    r = s.group_size
-    A = torch.cat([Va, _group_stack(Oa.transpose(-1, -2), r)], dim=-1)
-    B = torch.cat([fb.V, _group_stack(fb.O.transpose(-1, -2), r)], dim=-1)
-    R = polar(B @ A.transpose(-1, -2))  # (nkv, dh, dh)
-    Va = R @ Va
-    Oa = Oa @ R.repeat_interleave(r, 0).transpose(-1, -2)
-    out.update(q_proj=float(fro(Qa - fb.Q)), k_proj=float(fro(Ka - fb.K)),
-               v_proj=float(fro(Va - fb.V)), o_proj=float(fro(Oa - fb.O)))
-
+    out, perm = _attention_residuals(fa, fb)  # its copies of the heads are gone on return
     sigma = yield AWAIT
     sign, mlp = _mlp_residuals(fa, fb, sigma, s.is_glu)
     out.update(mlp)
     if details is not None:
         details.update(head_perm=perm, mlp_perm=sigma, mlp_sign=sign.cpu().numpy())
+    return out
+
+
+def _fro_by_heads(diff, n: int, step: int = 4) -> float:
+    """‖·‖_F of a per-head difference made ``step`` heads at a time: diff(slice) -> tensor."""
+    total = 0.0
+    for h0 in range(0, n, step):
+        total += float(fro(diff(slice(h0, h0 + step)))) ** 2
+    return total ** 0.5
+
+
+def _attention_residuals(fa: Form, fb: Form) -> tuple[dict[str, float], np.ndarray]:
+    """Heads matched on invariant circuit costs, then the compact QK and VO gauge fitted:
+    the circuit, q/k/v/o and gain residuals, and the head permutation (perm[h_b] = h_a).
+    Aligned copies are made a few heads at a time or dropped as soon as they are used."""
+    s = fa.sym
+    r, nh, nkv = s.group_size, s.n_heads, s.n_kv_heads
+    perm = match_heads(_qk_form_cost(fa, fb) + _ov_cost(fa, fb), nkv)
+    fa = _permuted(fa, torch.as_tensor(perm, device=fa.Q.device))
+    out = _circuit_residuals(fa, fb)
+
+    Qa, Ka, gains = _fit_qk(fa.Q, fa.K, fa, fb)
+    out["q_proj"] = _fro_by_heads(lambda h: Qa[h] - fb.Q[h], nh)
+    out["k_proj"] = _fro_by_heads(lambda h: Ka[h] - fb.K[h], nkv)
+    del Qa, Ka
+    # VO: O(d_head) per group on the balanced factors B = [V | O_1ᵀ .. O_rᵀ] of each group:
+    # R = polar(B_b B_aᵀ), B_b B_aᵀ = V_b V_aᵀ + Σ_x O_b,xᵀ O_a,x
+    H, dh = s.d_model, s.d_head
+    M = fb.V @ fa.V.transpose(-1, -2) + torch.einsum(
+        "gxki,gxkj->gij", fb.O.reshape(nkv, r, H, dh), fa.O.reshape(nkv, r, H, dh))
+    R = polar(M)  # (nkv, dh, dh)
+    out["v_proj"] = float(fro(R @ fa.V - fb.V))
+    Rh = R.repeat_interleave(r, 0).transpose(-1, -2)  # (nh, dh, dh): O_h ← O_h Rᵀ
+    out["o_proj"] = _fro_by_heads(lambda h: fa.O[h] @ Rh[h] - fb.O[h], nh)
     for name, g in gains.items():
         out[name] = float(fro(g - fb.gains[name]))
-    return out
+    return out, perm
 
 
 # =========================================================================== rotation / raw

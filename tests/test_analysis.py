@@ -167,6 +167,20 @@ def test_a_small_form_budget_gives_the_same_result(unrelated, pairs, monkeypatch
         assert len(reads) > 4 and set(reads) == {0, 1, 2, 3}
 
 
+def test_device_auto_runs_the_cpu_path_here_and_cuda_is_refused_by_name(unrelated, monkeypatch):
+    """The CUDA path is the same code on other tensors: ``auto`` takes CUDA where there is
+    one (and must agree with the CPU to 1e-4) and the CPU elsewhere; asking for CUDA without
+    one is a clear error."""
+    folder = unrelated("qwen3")
+    auto = drift.analyze(folder, layers=[0, 1], device="auto", progress=False)
+    cpu = drift.analyze(folder, layers=[0, 1], device="cpu", progress=False)
+    pd.testing.assert_frame_equal(auto.df, cpu.df, check_exact=False, atol=1e-4, rtol=0)
+    assert auto.meta["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(drift.DriftError, match="no CUDA device"):
+        drift.analyze(folder, layers=[0, 1], device="cuda", progress=False)
+
+
 def test_fp64_and_fp32_agree(unrelated):
     folder = unrelated("qwen3")
     a = drift.analyze(folder, layers=[1, 2], dtype="float32", progress=False).df
