@@ -29,7 +29,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .align import BlockCost, balance_gl, fro, lap, match_heads, polar, procrustes_thin
+from .align import BlockCost, balance_gl, fro, lap, match_heads, polar, procrustes_thin, release_memory
 from .canonical import CanonicalLayer, LayerSymmetry, rope_pair_index
 
 Tensor = torch.Tensor
@@ -557,6 +557,9 @@ def exact_compare_steps(fa: Form, fb: Form, details: dict | None = None):
     s = fa.sym
     yield _mlp_cost(fa, fb, s.is_glu)  # solved elsewhere while the heads are aligned
     out, perm = _attention_residuals(fa, fb)  # its copies of the heads are gone on return
+    # Keep only what the MLP residuals read: a null's rotated heads are freed while it waits.
+    fa, fb = (replace(f, Q=None, K=None, V=None, O=None) for f in (fa, fb))
+    release_memory()
     sigma = yield AWAIT
     sign, mlp = _mlp_residuals(fa, fb, sigma, s.is_glu)
     out.update(mlp)
@@ -582,6 +585,7 @@ def _attention_residuals(fa: Form, fb: Form) -> tuple[dict[str, float], np.ndarr
     perm = match_heads(_qk_form_cost(fa, fb) + _ov_cost(fa, fb), nkv)
     fa = _permuted(fa, torch.as_tensor(perm, device=fa.Q.device))
     out = _circuit_residuals(fa, fb)
+    release_memory()
 
     Qa, Ka, gains = _fit_qk(fa.Q, fa.K, fa, fb)
     out["q_proj"] = _fro_by_heads(lambda h: Qa[h] - fb.Q[h], nh)
