@@ -150,6 +150,22 @@ def test_consumed_form_and_lazy_null_rotation_change_nothing(unrelated, name):
     assert abs(eager["up_proj"] - exact_compare(fa, fb)["up_proj"]) > 1e-3  # the null did rotate
 
 
+def test_lazy_rotations_are_refused_where_they_would_be_wrong(unrelated):
+    from drift.methods import _mlp_cost, rotation_compare, rotation_form
+
+    reader = LayerReader(Checkpoint.open(unrelated("llama")), torch.float32)
+    f = exact_form(reader.read(0))
+    R = torch.eye(f.H)
+    lazy = f.rotate_residual(R, lazy_mlp=True)
+    with pytest.raises(ValueError, match="already carries"):
+        lazy.rotate_residual(R, lazy_mlp=True)
+    with pytest.raises(ValueError, match="only layer B"):
+        _mlp_cost(lazy, f, glu=True)
+    r = rotation_form(reader.read(1))
+    with pytest.raises(ValueError, match="eagerly rotated"):
+        rotation_compare(r, r.rotate_residual(R, lazy_mlp=True))
+
+
 @pytest.mark.parametrize("pairs", ["consecutive", "all"])
 def test_a_small_form_budget_gives_the_same_result(unrelated, pairs, monkeypatch):
     """With room for only two forms, analyze finishes and drops forms early (all pairs: makes
