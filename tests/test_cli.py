@@ -47,13 +47,17 @@ def test_minilm_analyze_offline_reports_every_family(minilm_run):
     assert all(fam in proc.stdout for fam in BERT_FAMILIES)
 
 
-def test_rotation_method_is_labelled_approximate(tmp_path):
-    out = tmp_path / "rot.json"
-    proc = run_cli("analyze", "--model", "minilm", "--block-start", "2", "--block-end", "3",
-                   "--method", "rotation", "--out", str(out))
+def analyze_ok(tmp_path, *args) -> tuple[str, dict]:
+    """``drift analyze --model minilm *args``: must succeed; (stdout, the JSON it wrote)."""
+    out = tmp_path / "out.json"
+    proc = run_cli("analyze", "--model", "minilm", *args, "--out", str(out))
     assert proc.returncode == 0, proc.stderr
-    assert "APPROXIMATE" in proc.stdout
-    d = json.loads(out.read_text())
+    return proc.stdout, json.loads(out.read_text())
+
+
+def test_rotation_method_is_labelled_approximate(tmp_path):
+    stdout, d = analyze_ok(tmp_path, "--block-start", "2", "--block-end", "3", "--method", "rotation")
+    assert "APPROXIMATE" in stdout
     assert d["approximate"] is True and d["method"] == "rotation"
     assert len(d["family_residuals"]["q_proj"]) == 1
 
@@ -86,13 +90,9 @@ def test_unknown_architecture_exits_2(tmp_path):
 
 
 def test_no_null_run_ranks_by_residual_and_writes_null_as_json_null(tmp_path):
-    out = tmp_path / "bare.json"
-    proc = run_cli("analyze", "--model", "minilm", "--block-start", "0", "--block-end", "2",
-                   "--n-null", "0", "--out", str(out))
-    assert proc.returncode == 0, proc.stderr
-    assert "not computed (--n-null 0)" in proc.stdout
-    assert "by mean residual; no null computed" in proc.stdout
-    d = json.loads(out.read_text())
+    stdout, d = analyze_ok(tmp_path, "--block-start", "0", "--block-end", "2", "--n-null", "0")
+    assert "not computed (--n-null 0)" in stdout
+    assert "by mean residual; no null computed" in stdout
     assert d["n_null"] == 0
     assert all(v is None for vals in d["normalized"].values() for v in vals)
     assert all(v is not None and v >= 0 for vals in d["family_residuals"].values() for v in vals)
