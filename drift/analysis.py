@@ -7,7 +7,6 @@ import logging
 from collections import deque
 from typing import Iterable, Sequence
 
-import pandas as pd
 import torch
 
 from . import __version__
@@ -222,6 +221,8 @@ def analyze(model: str | LayerReader, layers: Iterable[int] | None = None, pairs
                  invariant=family_invariant(method, reader.sym, f), kind=family_kind(f))
             for k, (a, b) in enumerate(plist) for f, v in obs[k].items()]
     reader.ckpt.close()
+    import pandas as pd  # here, not at import: its pages would count in every run's peak
+
     df = pd.DataFrame(rows)
     order = _family_order(list(dict.fromkeys(df["family"])))
     df["family"] = pd.Categorical(df["family"], categories=order, ordered=True)

@@ -21,10 +21,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 COLUMNS = ["family", "layer_a", "layer_b", "residual", "null", "rho", "invariant", "kind"]
 
@@ -77,6 +79,8 @@ class AnalysisResult:
         """Layer x layer table of ``value`` for one family (symmetric; NaN where not computed)."""
         d = self.df[self.df["family"] == family]
         layers = sorted(set(d["layer_a"]) | set(d["layer_b"]))
+        import pandas as pd
+
         m = pd.DataFrame(np.nan, index=layers, columns=layers)
         for a, b, v in d[["layer_a", "layer_b", value]].itertuples(index=False):
             m.loc[a, b] = v
@@ -92,6 +96,8 @@ class AnalysisResult:
         ``normalized`` (rho, same layout), ``pairs_list``, ``rows`` and the metadata."""
         fams = self.families
         pairs = self.pairs
+
+        import pandas as pd
 
         def layout(col: str) -> dict[str, list[float | None]]:
             out = {}
@@ -121,6 +127,8 @@ class AnalysisResult:
 
     @classmethod
     def from_json_dict(cls, d: dict[str, Any]) -> "AnalysisResult":
+        import pandas as pd
+
         df = pd.DataFrame.from_records(d["rows"], columns=COLUMNS)
         skip = {"family_residuals", "null_residuals", "normalized", "pairs_list", "invariant", "rows",
                 "block_start", "block_end"}
