@@ -96,3 +96,18 @@ def test_no_null_run_ranks_by_residual_and_writes_null_as_json_null(tmp_path):
     assert d["n_null"] == 0
     assert all(v is None for vals in d["normalized"].values() for v in vals)
     assert all(v is not None and v >= 0 for vals in d["family_residuals"].values() for v in vals)
+
+
+def test_only_large_layers_switch_the_allocator():
+    """The CLI maps large buffers for layers of Qwen3-4B's size, not for small ones."""
+    from drift.canonical import LayerSymmetry
+    from drift.cli import LARGE_LAYER_BYTES, layer_bytes
+
+    def qwen3(d, nh, nkv, ff):
+        return LayerSymmetry(arch="qwen3", n_heads=nh, n_kv_heads=nkv, d_head=128, d_model=d, d_ff=ff,
+                             rope=True, rotary_dims=128, rope_theta=1e6, qk_norm=True, norm_kind="rms",
+                             mlp_kind="glu", activation="silu", post_norms=False, post_ln=False)
+
+    big, small = qwen3(2560, 32, 8, 9728), qwen3(1024, 16, 8, 3072)
+    assert layer_bytes(big) == 4 * (2 * 32 + 2 * 8) * 128 * 2560 + 4 * 3 * 9728 * 2560  # 0.40 GB
+    assert layer_bytes(big) >= LARGE_LAYER_BYTES > layer_bytes(small)
