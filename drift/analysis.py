@@ -157,7 +157,6 @@ def analyze(model: str | LayerReader, layers: Iterable[int] | None = None, pairs
             fut = lap_submit(next(gen), maximize=True)
             if next(gen) is not AWAIT:
                 raise AssertionError("a comparison must yield AWAIT after its assignment")
-            release_memory()
             return gen, fut
         except StopIteration as stop:
             finished(task, stop.value)
@@ -216,10 +215,10 @@ def analyze(model: str | LayerReader, layers: Iterable[int] | None = None, pairs
     def rho(v: float, null: float) -> float:
         return v / null if null > 0 else nan  # NaN when there is no null (n_null=0) or it is 0
 
-    rows = [dict(family=f, layer_a=a, layer_b=b, residual=v, null=null_sum.get(k, {}).get(f, nan),
-                 rho=rho(v, null_sum.get(k, {}).get(f, nan)),
+    rows = [dict(family=f, layer_a=a, layer_b=b, residual=v, null=null, rho=rho(v, null),
                  invariant=family_invariant(method, reader.sym, f), kind=family_kind(f))
-            for k, (a, b) in enumerate(plist) for f, v in obs[k].items()]
+            for k, (a, b) in enumerate(plist) for f, v in obs[k].items()
+            for null in [null_sum.get(k, {}).get(f, nan)]]
     reader.ckpt.close()
     import pandas as pd  # here, not at import: its pages would count in every run's peak
 

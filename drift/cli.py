@@ -75,7 +75,8 @@ def _format_table(result) -> str:
 
 
 LARGE_LAYER_BYTES = 256 << 20
-"""From this layer size on (Qwen3-4B: 0.4 GB in float32), the CLI maps large buffers."""
+"""From this layer size on (Qwen3-4B: 0.4 GB in float32), the CLI maps large buffers
+(:func:`drift.align.map_large_buffers`)."""
 
 
 def layer_bytes(sym, itemsize: int = 4) -> int:
@@ -83,24 +84,6 @@ def layer_bytes(sym, itemsize: int = 4) -> int:
     attn = (2 * sym.n_heads + 2 * sym.n_kv_heads) * sym.d_head * sym.d_model
     mlp = (3 if sym.is_glu else 2) * sym.d_ff * sym.d_model
     return (attn + mlp) * itemsize
-
-
-def _map_large_buffers() -> None:
-    """Have glibc map (and unmap on free) every buffer of 4 MiB or more.
-
-    With layers of hundreds of MB, a comparison makes and drops many buffers of 5-40 MB;
-    glibc's default keeps such freed chunks in the heap, where they add to the peak. Measured
-    at the Qwen3-4B shape (4 layers, exact, default null): peak 1.43 GiB by default, 1.39 GiB
-    with this, no slower. Not done for small layers, where the extra page faults cost ~10%.
-    Linux/glibc only; elsewhere nothing happens.
-    """
-    import ctypes
-    import ctypes.util
-
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt(-3, 4 << 20)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
 
 
 def analyze_command(args: argparse.Namespace) -> int:
@@ -111,7 +94,9 @@ def analyze_command(args: argparse.Namespace) -> int:
 
     reader = open_layers(args.model, torch.float64 if args.dtype == "float64" else torch.float32)
     if layer_bytes(reader.sym, 8 if args.dtype == "float64" else 4) >= LARGE_LAYER_BYTES:
-        _map_large_buffers()
+        from .align import map_large_buffers
+
+        map_large_buffers()
     n = reader.n_layers
     start = 0 if args.block_start is None else args.block_start
     end = n - 1 if args.block_end is None else args.block_end

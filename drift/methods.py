@@ -155,8 +155,7 @@ def _fold(layer: CanonicalLayer, consume: bool = False) -> dict[str, Tensor | No
 
 def _complex_pairs(W: Tensor, sym: LayerSymmetry) -> Tensor:
     """Rows (i, i+m) of each head as z_i = W[i] + i·W[i+m]: (..., d_head, P) -> (..., m, P)."""
-    i, j = rope_pair_index(sym)
-    return torch.complex(W[..., i, :], W[..., j, :])
+    return torch.complex(*_halves(W, sym))
 
 
 def _from_complex(z: Tensor, W: Tensor, sym: LayerSymmetry) -> Tensor:
