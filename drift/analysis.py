@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections import deque
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 
@@ -44,9 +44,24 @@ def layer_pairs(layers: Sequence[int], pairs: str) -> list[tuple[int, int]]:
     raise DriftError(f"pairs must be 'consecutive' or 'all', not {pairs!r}")
 
 
+class _CallbackBar:
+    """The two methods of a tqdm bar that ``analyze`` uses, reporting to ``fn(done, total)``."""
+
+    def __init__(self, fn: Callable[[int, int], None], total: int):
+        self.fn, self.total, self.done = fn, total, 0
+        fn(0, total)
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        self.fn(self.done, self.total)
+
+    def close(self) -> None:
+        pass
+
+
 def analyze(model: str | LayerReader, layers: Iterable[int] | None = None, pairs: str = "consecutive",
             method: str = "exact", seed: int = 0, n_null: int = 1, dtype: str | torch.dtype = "float32",
-            device: str | torch.device = "auto", progress: bool = True,
+            device: str | torch.device = "auto", progress: bool | Callable[[int, int], None] = True,
             form_budget: int = FORM_BUDGET) -> AnalysisResult:
     """Drift between pairs of layers of ``model``, per weight family.
 
@@ -63,7 +78,8 @@ def analyze(model: str | LayerReader, layers: Iterable[int] | None = None, pairs
             work, about half the cost): ``null`` and ``rho`` are then NaN.
         dtype: ``float32`` (default) or ``float64`` for all arithmetic.
         device: ``auto`` | ``cpu`` | ``cuda``.
-        progress: show a tqdm bar over pairs.
+        progress: show a tqdm bar over pairs; or a function ``progress(done, total)`` called
+            with the number of pairs finished (the explorer draws its own bar with it).
         form_budget: bytes of layer forms to keep in host memory at once (always at least
             two forms). Below ``n_layers`` forms, all-pairs runs make some forms more than once.
 
@@ -128,7 +144,10 @@ def analyze(model: str | LayerReader, layers: Iterable[int] | None = None, pairs
     obs: dict[int, dict[str, float]] = {}
     null_sum: dict[int, dict[str, float]] = {}
     left = {k: 1 + n_null for k in range(len(plist))}  # comparisons not yet finished, per pair
-    bar = tqdm(total=len(plist), desc=f"drift {method}", unit="pair", disable=not progress, leave=False)
+    if callable(progress):
+        bar = _CallbackBar(progress, len(plist))
+    else:
+        bar = tqdm(total=len(plist), desc=f"drift {method}", unit="pair", disable=not progress, leave=False)
 
     def finished(task: tuple[int, int], values: dict[str, float]) -> None:
         k, j = task

@@ -7,9 +7,14 @@ every figure of :mod:`drift.plots` for it.
 
 Analyses go through :mod:`drift.cache`, so a setting seen before (in this session or an
 earlier one) is served from disk; the figures of the last few settings are also kept in
-memory, so going back to one of them redraws nothing. A long analysis shows ``analyze``'s
-progress bar in the output area and can be stopped with the notebook's interrupt button:
+memory, so going back to one of them redraws nothing. A long analysis shows a progress bar
+and can be stopped with the notebook's interrupt button, also when a control started it:
 the cache stores a result only once it is complete, so nothing half-done is left behind.
+
+What the browser shows is kept consistent by construction: the figures are one HTML value
+(replaced whole, never appended to), the progress bar is a widget of its own, and every render
+and status line carries the setting it belongs to (``data-drift-setting``), so a figure of an
+older request can neither linger under a new status nor be shown in its place.
 
 The explorer is testable without a browser: every control has a value that
 :meth:`Explorer.set` changes, :meth:`Explorer.refresh` runs synchronously, and the last
@@ -20,8 +25,12 @@ ipywidgets and matplotlib are imported here, never by ``import drift``.
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import io
 import logging
+import signal
+import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -128,31 +137,46 @@ class Explorer:
         self._wanted_families = list(families) if families is not None else None
         self._hold = False
         self._result_digest = ""
+        self._unselected: set[str] = set()  # families the user switched off, across methods
+        self._requests = 0
+        self.shown_setting = ""  # the setting tag of the figures on screen
+
+        label = {"description_width": "72px"}
 
         known = available_models()
-        self._model = W.Dropdown(options=known, value=known[0], description="model",
-                                 layout=W.Layout(width="320px"))
+        self._model = W.Dropdown(options=known, value=known[0], description="model", style=label,
+                                 layout=W.Layout(width="392px"))
         self._path = W.Text(placeholder="…or a local folder / cached HF repo id",
                             continuous_update=False, layout=W.Layout(width="340px"))
         self._block = W.IntRangeSlider(value=(0, 1), min=0, max=1, description="block",
-                                       continuous_update=False, layout=W.Layout(width="560px"))
+                                       continuous_update=False, style=label, layout=W.Layout(width="560px"))
         self._method = W.ToggleButtons(options=METHODS, value=_choice(method, METHODS, "method"),
-                                       description="method",
+                                       description="method", style=label,
                                        tooltips=["exact gauge group of the architecture",
                                                  "the reference script's rotations (approximate)",
                                                  "no alignment"])
         self._pairs = W.ToggleButtons(options=PAIRS, value=_choice(pairs, PAIRS, "pairs"),
-                                      description="pairs")
+                                      description="pairs", style=label)
         self._value = W.ToggleButtons(options=VALUES, value=_choice(value, [v for _, v in VALUES], "value"),
-                                      description="heatmaps")
-        self._families = W.SelectMultiple(options=[], rows=6, description="families")
+                                      description="heatmaps", style=label)
+        self._families = W.SelectMultiple(options=[], rows=6, description="families", style=label,
+                                          layout=W.Layout(width="392px"))
         self._status = W.HTML()
-        self.output = W.Output()
+        self._bar = W.IntProgress(value=0, min=0, max=1, layout=W.Layout(width="392px", visibility="hidden"))
+        self._bar_text = W.Label()
+        self._progress = W.HBox([self._bar, self._bar_text])
+        self.output = W.HTML()  # the figures: one value, replaced whole
+        for w, name in ((self._model, "model"), (self._path, "path"), (self._block, "block"),
+                        (self._method, "method"), (self._pairs, "pairs"), (self._value, "value"),
+                        (self._families, "families"), (self._status, "status"),
+                        (self._progress, "progress"), (self.output, "figures")):
+            w.add_class(f"drift-{name}")
         self.widget = W.VBox([
             W.HBox([self._model, self._path]), self._block,
-            self._method, self._pairs, W.HBox([self._families, self._value]),
-            self._status, self.output,
+            self._method, self._pairs, self._value, self._families,
+            self._status, self._progress, self.output,
         ])
+        self.widget.add_class("drift-explorer")
         self._set_model(model, block)
         for w in (self._model, self._path, self._block, self._method, self._pairs):
             w.observe(self._on_analysis_change, names="value")
@@ -236,7 +260,7 @@ class Explorer:
         try:
             n = n_layers(self.model)
         except DriftError as e:
-            self._show_status(f"<b style='color:#b00'>{_esc(e)}</b>")
+            self._show_status(f"<b style='color:#b00'>{_esc(e)}</b>", "error")
             return
         self._block.max = n - 1  # clamps the old value into range
         if block is not None:
@@ -255,10 +279,24 @@ class Explorer:
         if self.result is None:
             return
         fams = self.result.families
-        if tuple(self._families.options) != tuple(fams):
-            self._families.options = fams
-        wanted = [f for f in (self._wanted_families or fams) if f in fams] or fams
-        self._families.value = tuple(wanted)
+        # A list given in code (constructor or set()) is kept as it is; a selection made in the
+        # browser is remembered as what was switched off, so a family a new method or model
+        # brings (rotation -> exact adds the circuits) is drawn, not silently left out.
+        if self._wanted_families is not None:
+            wanted = tuple(f for f in fams if f in self._wanted_families)
+        else:
+            wanted = tuple(f for f in fams if f not in self._unselected)
+        wanted = wanted or tuple(fams)
+        if tuple(self._families.options) == tuple(fams) and self._families.value == wanted:
+            return
+        # Options and selection in one message: the browser never sees a selection that
+        # refers to options it does not have.
+        with self._families.hold_sync():
+            if tuple(self._families.options) != tuple(fams):
+                self._families.value = ()
+                self._families.options = fams
+                self._families.rows = len(fams)
+            self._families.value = wanted
 
     # ------------------------------------------------------------------ events
     def _on_analysis_change(self, change: dict) -> None:
@@ -279,45 +317,48 @@ class Explorer:
         if self._hold:
             return
         if change["owner"] is self._families:
-            self._wanted_families = list(self._families.value) or None
+            chosen = set(self._families.value)
+            self._wanted_families = None
+            self._unselected = (self._unselected | set(self._families.options)) - chosen
         if self.auto and self.result is not None:
-            self._render_and_show()
+            render_s = self._render_and_show()
+            self._show_status(self._done_line(render_s), "done")
 
     # ------------------------------------------------------------------ work
     def refresh(self) -> AnalysisResult | None:
         """Get the result for the current settings (from the cache when possible) and draw it.
 
         Returns the result, or None when the analysis failed or was interrupted (the
-        message is in ``status``; the previous figures stay).
+        message is in ``status``; the previous figures stay, with their own setting tag).
         """
         s = self.settings()
         lo, hi = s["block"]
         if hi - lo < 1:
-            self._show_status("Pick a block of at least two layers.")
+            self._show_status("Pick a block of at least two layers.", "error")
             return None
+        self._requests += 1
         t0 = time.perf_counter()
         self.interrupted = False
         self._show_status(f"Analysing <code>{_esc(s['model'])}</code>, layers {lo}–{hi}, "
-                          f"{s['method']}, {s['pairs']} pairs …")
+                          f"{s['method']}, {s['pairs']} pairs …", "running")
         failure: BaseException | None = None
-        # analyze's progress bar (tqdm.auto) appears in the output area. The try sits inside
-        # the ``with``: Output.__exit__ would otherwise print and swallow the exception.
-        with self.output:
-            try:
+        try:
+            with _interruptible(), self._progress_bar() as progress:
                 result, hit = self.cache.get_or_compute(
                     s["model"], layers=list(range(lo, hi + 1)), pairs=s["pairs"], method=s["method"],
-                    progress=self.progress, **self.analyze_kwargs)
-            except BaseException as e:  # noqa: BLE001 - sorted out below, outside the ``with``
-                failure = e
+                    progress=progress, **self.analyze_kwargs)
+        except BaseException as e:  # noqa: BLE001 - sorted out below
+            failure = e
         if failure is not None and not isinstance(failure, (KeyboardInterrupt, DriftError)):
-            self._show_status(f"<b style='color:#b00'>{type(failure).__name__}: {_esc(failure)}</b>")
+            self._show_status(f"<b style='color:#b00'>{type(failure).__name__}: {_esc(failure)}</b>", "error")
             raise failure
         if isinstance(failure, KeyboardInterrupt):
             self.interrupted = True
-            self._show_status("Interrupted. Nothing was cached; the figures below are the previous ones.")
+            self._show_status("Interrupted. Nothing was cached; the figures below are the previous "
+                              "ones (their setting is in their caption).", "interrupted")
             return None
         if failure is not None:
-            self._show_status(f"<b style='color:#b00'>{_esc(failure)}</b>")
+            self._show_status(f"<b style='color:#b00'>{_esc(failure)}</b>", "error")
             return None
         t1 = time.perf_counter()
         self.result, self.from_cache = result, hit
@@ -331,10 +372,41 @@ class Explorer:
         t2 = time.perf_counter()
         self.timing = {"result_s": t1 - t0, "render_s": render_s, "total_s": t2 - t0}
         self.history.append({**self.settings(), "from_cache": hit, **self.timing})
-        where = "from the cache" if hit else "computed"
-        self._show_status(f"<code>{_esc(s['model'])}</code>, layers {lo}–{hi}: result {where} in "
-                          f"{t1 - t0:.2f} s, drawn in {render_s:.2f} s.")
+        self._show_status(self._done_line(render_s), "done")
         return result
+
+    def _done_line(self, render_s: float) -> str:
+        s = self.settings()
+        lo, hi = s["block"]
+        where = "from the cache" if self.from_cache else "computed"
+        got = self.timing.get("result_s")
+        took = f" in {got:.2f} s" if got is not None else ""
+        return (f"<code>{_esc(s['model'])}</code>, layers {lo}–{hi}, {s['method']}, {s['pairs']} pairs: "
+                f"result {where}{took}, drawn in {render_s:.2f} s.")
+
+    def setting_tag(self) -> str:
+        """The current setting as one string; renders and status lines carry it."""
+        s = self.settings()
+        lo, hi = s["block"]
+        fams = ",".join(self._families.value)
+        return f"{s['model']}|{lo}-{hi}|{s['method']}|{s['pairs']}|{s['value']}|{fams}"
+
+    @contextlib.contextmanager
+    def _progress_bar(self):
+        """A progress function for ``analyze`` that moves the explorer's own bar."""
+        bar, text = self._bar, self._bar_text
+
+        def progress(done: int, total: int) -> None:
+            bar.max, bar.value = max(total, 1), done
+            text.value = f"{done}/{total} pairs"
+
+        bar.value, text.value = 0, ""
+        bar.layout.visibility = "visible" if self.progress else "hidden"
+        try:
+            yield progress if self.progress else False
+        finally:
+            bar.layout.visibility = "hidden"
+            text.value = ""
 
     def _render_and_show(self) -> float:
         """Draw (or recall) the figures of the current result and view; return the seconds."""
@@ -346,7 +418,7 @@ class Explorer:
             figures, pngs = self._renders[key]
         else:
             figures = render(self.result, families=list(fams), value=self._value.value)
-            pngs = [_png(f, self.dpi) for f in figures.values()]
+            pngs = [(name, _png(f, self.dpi)) for name, f in figures.items()]
             self._renders[key] = (figures, pngs)
             while len(self._renders) > RENDER_MEMORY:
                 self._renders.popitem(last=False)
@@ -354,16 +426,38 @@ class Explorer:
         self._show(pngs)
         return time.perf_counter() - t0
 
-    def _show(self, pngs: list[bytes]) -> None:
-        from IPython.display import Image
+    def _show(self, pngs: list[tuple[str, bytes]]) -> None:
+        """Replace the figures in one assignment, tagged with the setting they show."""
+        tag = _esc(self.setting_tag())
+        imgs = "".join(
+            f'<img class="drift-figure" alt="{name}" data-drift-setting="{tag}" style="max-width:100%" '
+            f'src="data:image/png;base64,{base64.b64encode(png).decode()}"><br>' for name, png in pngs)
+        self.shown_setting = self.setting_tag()
+        self.output.value = (f'<div class="drift-render" data-drift-setting="{tag}" '
+                             f'data-drift-request="{self._requests}">{imgs}</div>')
 
-        self.output.outputs = ()  # works with and without a kernel (clear_output needs one)
-        for png in pngs:
-            self.output.append_display_data(Image(data=png, format="png"))
-
-    def _show_status(self, html: str) -> None:
+    def _show_status(self, html: str, state: str = "done") -> None:
         self.status = html
-        self._status.value = html
+        self._status.value = (f'<span class="drift-state" data-drift-setting="{_esc(self.setting_tag())}" '
+                              f'data-drift-state="{state}">{html}</span>')
+
+
+@contextlib.contextmanager
+def _interruptible():
+    """Let SIGINT raise KeyboardInterrupt while an analysis runs, also in a widget callback
+    (the kernel handles the notebook's interrupt button only around cell executions)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is None:  # installed outside Python: leave it alone
+        yield
+        return
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def render(result: AnalysisResult, families: Sequence[str] | None = None,

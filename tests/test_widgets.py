@@ -3,6 +3,12 @@ an interrupted run leaves the cache and the figures as they were."""
 
 from __future__ import annotations
 
+import html
+import os
+import re
+import signal
+import time
+
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -65,8 +71,10 @@ def test_first_refresh_renders_every_figure(llama, cache):
     r = ex.refresh()
     assert r is ex.result and r.method == "exact" and r.meta["layers"] == [0, 1, 2]
     assert set(ex.figures) == {"ranking", "drift_along", "heatmaps"}
-    assert len(ex.output.outputs) == 3
-    assert all(o["output_type"] == "display_data" and "image/png" in o["data"] for o in ex.output.outputs)
+    imgs = re.findall(r'<img class="drift-figure" alt="(\w+)" data-drift-setting="([^"]*)"', ex.output.value)
+    assert [name for name, _ in imgs] == ["ranking", "drift_along", "heatmaps"]
+    assert {tag for _, tag in imgs} == {html.escape(ex.setting_tag())} == {ex.shown_setting and html.escape(ex.shown_setting)}
+    assert f'data-drift-setting="{html.escape(ex.setting_tag())}" data-drift-state="done"' in ex._status.value
     assert ex.from_cache is False
     assert "computed" in ex.status
     assert list(ex._families.options) == r.families
@@ -285,3 +293,85 @@ def test_widget_tree_is_displayable(llama, cache):
     assert isinstance(ex.widget, W.VBox)
     assert ex.output in ex.widget.children
     assert drift.widgets is not None
+
+
+# --------------------------------------------------------------------------- what the browser sees
+
+def _tags(ex: Explorer) -> tuple[set[str], str, str]:
+    """(figure tags, status tag, status state) as the browser reads them."""
+    figs = set(re.findall(r'<img class="drift-figure" alt="\w+" data-drift-setting="([^"]*)"', ex.output.value))
+    status = re.search(r'data-drift-setting="([^"]*)" data-drift-state="(\w+)"', ex._status.value)
+    return figs, html.unescape(status.group(1)), status.group(2)
+
+
+def test_every_render_and_status_carries_its_setting(llama, cache):
+    ex = _explorer(llama, cache)
+    ex.refresh()
+    for change in (dict(method="rotation"), dict(pairs="all"), dict(value="residual"), dict(block=(1, 2))):
+        ex.set(**change).refresh()
+        figs, status, state = _tags(ex)
+        assert state == "done" and figs == {html.escape(status)} and status == ex.setting_tag()
+        key, val = next(iter(change.items()))
+        part = {"method": 2, "pairs": 3, "value": 4, "block": 1}[key]
+        assert status.split("|")[part] == (f"{val[0]}-{val[1]}" if key == "block" else val)
+    ex._families.value = ("k_proj",)  # a view change, as a click makes it: status and figures move together
+    figs, status, state = _tags(ex)
+    assert status.endswith("|k_proj") and figs == {html.escape(status)} and state == "done"
+
+
+def test_interrupted_request_keeps_the_old_figures_tagged_as_old(llama, tmp_path):
+    real = Cache(tmp_path / "cache")
+    ex = _explorer(llama, real)
+    ex.refresh()
+    old_tag = ex.setting_tag()
+    ex.cache = Cache(real.directory, analyze=_interrupting)
+    ex.set(method="raw").refresh()
+    figs, status, state = _tags(ex)
+    assert state == "interrupted" and figs == {html.escape(old_tag)} and status != old_tag
+
+
+def _signalling(model, progress=True, **kw):
+    """An analysis that is interrupted the way the notebook's button does it: SIGINT to the kernel."""
+    progress(0, 3)
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(5)
+    raise AssertionError("SIGINT did not interrupt the analysis")
+
+
+def test_sigint_interrupts_an_analysis_started_by_a_control(llama, tmp_path):
+    """ipykernel ignores SIGINT outside cell executions; a control's callback runs there."""
+    real = Cache(tmp_path / "cache")
+    ex = _explorer(llama, real)
+    ex.progress = True
+    ex.refresh()
+    n_entries = len(real.entries())
+    ex.cache = Cache(real.directory, analyze=_signalling)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        ex._method.value = "rotation"  # a click
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # restored
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert ex.interrupted and _tags(ex)[2] == "interrupted"
+    assert len(real.entries()) == n_entries
+    assert ex._bar.layout.visibility == "hidden"
+
+
+def test_browser_selection_survives_method_changes(llama, cache):
+    ex = Explorer(model=str(llama), cache=cache, progress=False, method="rotation")
+    ex.refresh()
+    assert ex._families.rows == len(ex._families.options)  # every family visible
+    rotation_fams = list(ex._families.options)
+    ex._families.value = tuple(f for f in rotation_fams if f != "v_proj")  # a ctrl-click
+    ex._method.value = "exact"
+    fams = list(ex._families.options)
+    assert set(fams) > set(rotation_fams)  # exact adds the circuit families ...
+    assert set(ex._families.value) == set(fams) - {"v_proj"}  # ... drawn; v_proj stays off
+    ex._method.value = "rotation"
+    assert set(ex._families.value) == set(rotation_fams) - {"v_proj"}
+
+
+def test_progress_function_counts_pairs(llama):
+    seen = []
+    drift.analyze(str(llama), method="raw", pairs="all", progress=lambda d, t: seen.append((d, t)))
+    assert seen == [(0, 3), (1, 3), (2, 3), (3, 3)]
