@@ -463,8 +463,8 @@ def _interruptible():
 def render(result: AnalysisResult, families: Sequence[str] | None = None,
            value: str = "rho") -> dict[str, Any]:
     """The explorer's figures for ``result``, as pyplot-free Figures (nothing is displayed):
-    ``ranking``, ``drift_along`` (ρ and residual vs null side by side, when the result has
-    consecutive pairs) and ``heatmaps`` (a grid of the families)."""
+    ``ranking``, ``drift_along`` (ρ and residual vs null, when the result has
+    consecutive pairs, one above the other) and ``heatmaps`` (a grid of the families)."""
     from matplotlib.figure import Figure
 
     fams = list(families) if families else result.families
@@ -473,8 +473,10 @@ def render(result: AnalysisResult, families: Sequence[str] | None = None,
     plots.ranking(result, ax=fig.subplots(), families=fams)
     out["ranking"] = fig
     if not result.consecutive().df.empty:
-        fig = Figure(figsize=(14, 4.2), layout="constrained")
-        a1, a2 = fig.subplots(1, 2)
+        # One above the other: side by side, the figure is scaled down to the notebook's
+        # width and the legends become unreadable.
+        fig = Figure(figsize=(9, 8.4), layout="constrained")
+        a1, a2 = fig.subplots(2, 1)
         plots.drift_along(result, families=fams, ax=a1)
         plots.drift_along(result, families=fams, ax=a2, value="residual")
         out["drift_along"] = fig
