@@ -133,7 +133,7 @@ class Explorer:
         self.status = ""
         self.history: list[dict[str, Any]] = []
         self.interrupted = False
-        self._renders: OrderedDict[tuple, tuple[dict, list[bytes]]] = OrderedDict()
+        self._renders: OrderedDict[tuple, tuple[dict, list[tuple[str, str]]]] = OrderedDict()
         self._wanted_families = list(families) if families is not None else None
         self._hold = False
         self._result_digest = ""
@@ -418,7 +418,7 @@ class Explorer:
             figures, pngs = self._renders[key]
         else:
             figures = render(self.result, families=list(fams), value=self._value.value)
-            pngs = [(name, _png(f, self.dpi)) for name, f in figures.items()]
+            pngs = [(name, base64.b64encode(_png(f, self.dpi)).decode()) for name, f in figures.items()]
             self._renders[key] = (figures, pngs)
             while len(self._renders) > RENDER_MEMORY:
                 self._renders.popitem(last=False)
@@ -426,13 +426,13 @@ class Explorer:
         self._show(pngs)
         return time.perf_counter() - t0
 
-    def _show(self, pngs: list[tuple[str, bytes]]) -> None:
-        """Replace the figures in one assignment, tagged with the setting they show."""
-        tag = _esc(self.setting_tag())
+    def _show(self, pngs: list[tuple[str, str]]) -> None:
+        """Replace the figures (base64 PNGs) in one assignment, tagged with the setting they show."""
+        self.shown_setting = self.setting_tag()
+        tag = _esc(self.shown_setting)
         imgs = "".join(
             f'<img class="drift-figure" alt="{name}" data-drift-setting="{tag}" style="max-width:100%" '
-            f'src="data:image/png;base64,{base64.b64encode(png).decode()}"><br>' for name, png in pngs)
-        self.shown_setting = self.setting_tag()
+            f'src="data:image/png;base64,{png}"><br>' for name, png in pngs)
         self.output.value = (f'<div class="drift-render" data-drift-setting="{tag}" '
                              f'data-drift-request="{self._requests}">{imgs}</div>')
 
