@@ -333,7 +333,7 @@ def drift_along(result: AnalysisResult, families: Sequence[str] | None = None,
     pairs = sorted({(int(a), int(b)) for a, b in d[["layer_a", "layer_b"]].itertuples(index=False)})
     xpos = {p: k for k, p in enumerate(pairs)}
     ax = _new_axes(ax, (7.5, 4.0))
-    colors = _family_colors(fams)
+    colors = _family_colors(result.families)  # a family keeps its colour whatever is selected
     sel = d[d["family"].isin(fams)]
     # The nulls of all families at one pair: one grey band when they agree (to 0.1), else one
     # dashed line per family (e.g. under ``rotation`` the MLP null is far below the attention null).

@@ -369,3 +369,11 @@ def test_residual_plots_of_a_result_without_null_draw_no_null(cons):
     assert not ax.collections  # no null band
     plots.heatmap(bare, "q_proj", value="residual")
     plots.compare_methods({"exact": bare})
+
+
+def test_drift_along_colours_do_not_depend_on_the_selection():
+    result = make_result()
+    fams = result.families
+    every = {l.get_label(): l.get_color() for l in plots.drift_along(result).get_lines()}
+    some = {l.get_label(): l.get_color() for l in plots.drift_along(result, families=fams[1:]).get_lines()}
+    assert all(some[f] == every[f] for f in fams[1:])
