@@ -246,7 +246,8 @@ class lap_pool:
 
             import scipy.optimize  # noqa: F401 - imported once here, not again in every worker
 
-            _POOL = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("fork"))
+            _POOL = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("fork"),
+                                        initializer=_worker_init)
             # Fork the workers now, while this process is small: a worker forked later shares
             # (and its RSS counts) every page the parent had then, layer forms included.
             _POOL.submit(int).result()
@@ -260,6 +261,27 @@ class lap_pool:
         if self._owner and _POOL is not None:
             _POOL.shutdown(wait=True, cancel_futures=True)
             _POOL = None
+
+
+def _worker_init() -> None:
+    """A worker ignores SIGINT: Ctrl-C (or a notebook's interrupt) reaches the whole process
+    group, and it is the parent that stops, cancelling what is queued; a worker that died of
+    it would leave the pool broken and print a traceback per worker."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def wait(fut, poll_s: float = 0.2):
+    """``fut.result()``, waiting in slices so that an exception raised asynchronously in this
+    thread (the explorer's interrupt, see :func:`drift.widgets._interruptible`) lands within
+    ``poll_s`` instead of after the assignment."""
+    while True:
+        try:
+            return fut.result(timeout=poll_s)
+        except TimeoutError:
+            if fut.done():  # the task itself raised TimeoutError
+                return fut.result()
 
 
 def _as_numpy(cost: np.ndarray | Tensor) -> np.ndarray:
@@ -321,7 +343,7 @@ def lap(cost: np.ndarray | Tensor | BlockCost, maximize: bool = False) -> np.nda
     Inside :class:`lap_pool`, large problems run in a worker process (the calling thread
     waits without holding the GIL).
     """
-    return lap_submit(cost, maximize).result()
+    return wait(lap_submit(cost, maximize))
 
 
 def match_heads(cost: Tensor, n_kv: int) -> np.ndarray:

@@ -10,7 +10,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 
 from . import __version__
-from .align import lap_pool, lap_submit, random_orthogonal, release_memory
+from .align import lap_pool, lap_submit, random_orthogonal, release_memory, wait
 from .canonical import LayerReader, open_layers
 from .errors import DriftError, LayerIndexError
 from .methods import AWAIT, METHOD_FORMS, METHOD_STEPS, METHODS, family_invariant, family_kind
@@ -205,7 +205,7 @@ def analyze(model: str | LayerReader, layers: Iterable[int] | None = None, pairs
     def finish_oldest() -> None:
         task, gen, fut = inflight.popleft()
         try:
-            gen.send(fut.result())
+            gen.send(wait(fut))
             raise AssertionError("a comparison yielded a second assignment")
         except StopIteration as stop:
             finished(task, stop.value)

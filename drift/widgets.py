@@ -30,6 +30,7 @@ import contextlib
 import io
 import logging
 import signal
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -151,14 +152,11 @@ class Explorer:
         self._block = W.IntRangeSlider(value=(0, 1), min=0, max=1, description="block",
                                        continuous_update=False, style=label, layout=W.Layout(width="560px"))
         self._method = W.ToggleButtons(options=METHODS, value=_choice(method, METHODS, "method"),
-                                       description="method", style=label,
                                        tooltips=["exact gauge group of the architecture",
                                                  "the reference script's rotations (approximate)",
                                                  "no alignment"])
-        self._pairs = W.ToggleButtons(options=PAIRS, value=_choice(pairs, PAIRS, "pairs"),
-                                      description="pairs", style=label)
-        self._value = W.ToggleButtons(options=VALUES, value=_choice(value, [v for _, v in VALUES], "value"),
-                                      description="heatmaps", style=label)
+        self._pairs = W.ToggleButtons(options=PAIRS, value=_choice(pairs, PAIRS, "pairs"))
+        self._value = W.ToggleButtons(options=VALUES, value=_choice(value, [v for _, v in VALUES], "value"))
         self._families = W.SelectMultiple(options=[], rows=6, description="families", style=label,
                                           layout=W.Layout(width="392px"))
         self._status = W.HTML()
@@ -173,7 +171,8 @@ class Explorer:
             w.add_class(f"drift-{name}")
         self.widget = W.VBox([
             W.HBox([self._model, self._path]), self._block,
-            self._method, self._pairs, self._value, self._families,
+            _labelled("method", self._method), _labelled("pairs", self._pairs),
+            _labelled("heatmaps", self._value), self._families,
             self._status, self._progress, self.output,
         ])
         self.widget.add_class("drift-explorer")
@@ -430,11 +429,15 @@ class Explorer:
         """Replace the figures (base64 PNGs) in one assignment, tagged with the setting they show."""
         self.shown_setting = self.setting_tag()
         tag = _esc(self.shown_setting)
+        s = self.settings()
+        lo, hi = s["block"]
+        caption = (f'<div class="drift-caption" style="margin:4px 0">Figures of <code>{_esc(s["model"])}</code>, '
+                   f'layers {lo}–{hi}, {s["method"]}, {s["pairs"]} pairs.</div>')
         imgs = "".join(
             f'<img class="drift-figure" alt="{name}" data-drift-setting="{tag}" style="max-width:100%" '
             f'src="data:image/png;base64,{png}"><br>' for name, png in pngs)
         self.output.value = (f'<div class="drift-render" data-drift-setting="{tag}" '
-                             f'data-drift-request="{self._requests}">{imgs}</div>')
+                             f'data-drift-request="{self._requests}">{caption}{imgs}</div>')
 
     def _show_status(self, html: str, state: str = "done") -> None:
         self.status = html
@@ -442,22 +445,81 @@ class Explorer:
                               f'data-drift-state="{state}">{html}</span>')
 
 
+def _labelled(name: str, control: W.Widget) -> W.HBox:
+    """``control`` with its name on the left, like the other controls' descriptions
+    (ToggleButtons put their own description above the buttons in JupyterLab)."""
+    label = W.HTML(f'<div style="text-align:right; padding-right:8px">{name}</div>',
+                   layout=W.Layout(width="72px", min_width="72px"))
+    return W.HBox([label, control])
+
+
 @contextlib.contextmanager
 def _interruptible():
-    """Let SIGINT raise KeyboardInterrupt while an analysis runs, also in a widget callback
-    (the kernel handles the notebook's interrupt button only around cell executions)."""
-    if threading.current_thread() is not threading.main_thread():
+    """Let the notebook's interrupt button (a SIGINT to the kernel) raise KeyboardInterrupt in
+    the analysis that a control started.
+
+    ipykernel handles SIGINT only around the messages of its main thread; it ignores it
+    otherwise. A widget callback runs either there (ipykernel 6) or, with JupyterLab ≥ 4.4
+    and ipykernel 7, in a *subshell* thread, where no signal ever arrives. In the first case
+    the default handler is installed for the duration; in the second, the main thread's event
+    loop installs a handler that raises KeyboardInterrupt asynchronously in this thread (it
+    lands at the next Python instruction: waits on assignment workers poll, see
+    :func:`drift.align.wait`). Outside a kernel, or off the main thread elsewhere, it does
+    nothing."""
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.getsignal(signal.SIGINT)
+        if previous is None:  # installed outside Python: leave it alone
+            yield
+            return
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        return
+    loop = _kernel_loop()
+    if loop is None:
         yield
         return
-    previous = signal.getsignal(signal.SIGINT)
-    if previous is None:  # installed outside Python: leave it alone
-        yield
-        return
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    target, lock, armed, saved = threading.get_ident(), threading.Lock(), [True], []
+    installed = threading.Event()
+
+    def on_sigint(signum, frame):
+        with lock:
+            if armed[0]:
+                _raise_in(target, KeyboardInterrupt)
+
+    def install():
+        saved.append(signal.signal(signal.SIGINT, on_sigint))
+        installed.set()
+
+    def restore():  # runs after install: the loop's callbacks are first in, first out
+        if signal.getsignal(signal.SIGINT) is on_sigint:
+            signal.signal(signal.SIGINT, saved[0])
+
+    loop.add_callback(install)
+    installed.wait(1.0)  # the main thread is idle between cells; if it is not, go on anyway
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        with lock:
+            armed[0] = False
+            _raise_in(target, None)  # an interrupt that came too late is dropped, not raised later
+        loop.add_callback(restore)
+
+
+def _kernel_loop():
+    """The event loop of the IPython kernel's main thread (thread-safe ``add_callback``), or None."""
+    ip = sys.modules.get("IPython") and sys.modules["IPython"].get_ipython()
+    return getattr(getattr(ip, "kernel", None), "io_loop", None)
+
+
+def _raise_in(thread_id: int, exc: type[BaseException] | None) -> None:
+    """Make ``exc`` raise in the thread ``thread_id`` at its next instruction (None: cancel)."""
+    import ctypes
+
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id),
+                                               ctypes.py_object(exc) if exc else None)
 
 
 def render(result: AnalysisResult, families: Sequence[str] | None = None,

@@ -173,3 +173,21 @@ def test_match_heads_is_optimal_against_scipy_two_level(n_kv, r):
                            for gb in range(n_kv)] for ga in range(n_kv)])
         best = inner[linear_sum_assignment(inner)].sum()
         assert got == pytest.approx(best, abs=1e-9)
+
+
+def test_pool_workers_ignore_sigint_and_the_parent_keeps_them():
+    """Ctrl-C reaches the whole process group; a worker must not die of it (the parent
+    decides), or the pool breaks and every worker prints a traceback."""
+    import os
+    import signal
+
+    from drift import align
+
+    with align.lap_pool(2):
+        pids = align._POOL.submit(os.getpid).result(), align._POOL.submit(os.getpid).result()
+        for pid in set(pids):
+            os.kill(pid, signal.SIGINT)
+        rng = np.random.default_rng(0)
+        cost = rng.normal(size=(align.POOL_MIN_SIZE, align.POOL_MIN_SIZE))
+        col = align.lap(cost)
+    assert (col == linear_sum_assignment(cost)[1]).all()

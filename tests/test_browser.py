@@ -10,8 +10,6 @@ errors. Screenshots go to $DRIFT_SCREENSHOTS or tests/.browser-screens.
 
 from __future__ import annotations
 
-import os
-
 import time
 from pathlib import Path
 
@@ -40,13 +38,14 @@ return {
   status_text: span && span.innerText,
   render_tag: render && render.getAttribute('data-drift-setting'),
   request: render && render.getAttribute('data-drift-request'),
+  caption: render && render.querySelector('.drift-caption') && render.querySelector('.drift-caption').innerText,
   imgs: imgs.map(i => ({cls: i.className, alt: i.alt, tag: i.getAttribute('data-drift-setting'),
                         w: i.naturalWidth, h: i.naturalHeight, complete: i.complete,
                         png: (i.getAttribute('src') || '').startsWith('data:image/png;base64,')})),
   foreign: !fig ? ['no .drift-figures'] : (() => {
       const content = fig.querySelector('.widget-html-content') || fig;   // skip the widget's hidden label
       const out = [...content.children].filter(e => !e.matches('.drift-render'));
-      if (render) out.push(...[...render.querySelectorAll('*')].filter(e => !e.matches('img.drift-figure, br')));
+      if (render) out.push(...[...render.querySelectorAll('*')].filter(e => !e.matches('img.drift-figure, br, .drift-caption, .drift-caption code')));
       return out.map(e => e.outerHTML.slice(0, 200));
   })(),
   progress_imgs: [...root.querySelectorAll('.drift-progress img')].length,
@@ -152,6 +151,14 @@ def parse(tag: str) -> dict:
             "families": fams.split(",") if fams else []}
 
 
+def check_caption(s: dict, where: str) -> None:
+    """The figures' caption names the setting of the figures (their tag), in words."""
+    t = parse(s["render_tag"])
+    lo, hi = t["block"]
+    want = f"Figures of {t['model']}, layers {lo}–{hi}, {t['method']}, {t['pairs']} pairs."
+    assert s["caption"] == want, f"{where}: caption {s['caption']!r}, figures {s['render_tag']!r}"
+
+
 def check_consistent(s: dict, where: str) -> None:
     assert s["root"], f"{where}: no .drift-explorer on the page"
     for bad in ("Error displaying widget", "model not found"):
@@ -170,13 +177,12 @@ def check_consistent(s: dict, where: str) -> None:
     alts = [i["alt"] for i in imgs]
     want = ["ranking", "drift_along", "heatmaps"]
     assert alts == want or alts == ["ranking", "heatmaps"], f"{where}: figures {alts}"
+    check_caption(s, where)
     lo, hi = parse(s["status_tag"])["block"]
     if hi > lo:  # a block of two or more layers always has consecutive pairs
         assert alts == want, f"{where}: figures {alts}, expected {want}"
 
 
-@pytest.mark.skipif(os.environ.get("DRIFT_BROWSER") != "1",
-                    reason="opt-in (DRIFT_BROWSER=1): fails at the toolbar interrupt until that is fixed (#13)")
 def test_explorer_in_jupyterlab(lab, driver):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.keys import Keys
@@ -264,6 +270,7 @@ def test_explorer_in_jupyterlab(lab, driver):
     assert s["render_tag"] == prev and all(i["tag"] == prev for i in s["imgs"]), \
         f"figures changed on interrupt: {s['render_tag']!r}, expected {prev!r}"
     assert all(i["w"] > 0 for i in s["imgs"]) and len(s["imgs"]) >= 2
+    check_caption(s, "interrupted")  # says the block the figures are of, not the slider's
     page.kernel_idle(30)
     entries_after = sorted(p.name for p in cache.rglob("*.json"))
     assert len(entries_after) <= len(entries_before) and set(entries_after) <= set(entries_before), \
