@@ -1,7 +1,7 @@
 """drift: how much do a transformer's layers differ in weight space, once its gauge
 symmetries are removed?
 
-``import drift`` is cheap: it does not import seaborn, ipywidgets or transformers.
+``import drift`` is cheap: it does not import matplotlib, ipywidgets or transformers.
 """
 
 from __future__ import annotations

@@ -1,19 +1,23 @@
-"""``drift.analyze``: per-family drift between layer pairs, with a null and rho."""
+"""``drift.analyze``: per-family drift between layer pairs, with a null and rho.
+
+What is computed lives elsewhere: the methods (:mod:`drift.methods`), the null
+(:mod:`drift.null`), the scheduling of comparisons (:mod:`drift.schedule`) and the memory
+policy (:mod:`drift.memory`). This module checks the arguments, wires those together and
+assembles the :class:`~drift.result.AnalysisResult`.
+"""
 
 from __future__ import annotations
 
 import itertools
 import logging
-from collections import deque
 from typing import Callable, Iterable, Sequence
 
 import torch
 
-from . import __version__
-from .align import lap_pool, lap_submit, random_orthogonal, release_memory, wait
+from . import __version__, families, memory, methods, schedule
 from .canonical import LayerReader, open_layers
 from .errors import DriftError, LayerIndexError
-from .methods import AWAIT, METHOD_FORMS, METHOD_STEPS, METHODS, family_invariant, family_kind
+from .null import NullDraws, check_seed
 from .result import AnalysisResult
 
 log = logging.getLogger(__name__)
@@ -92,66 +96,41 @@ def analyze(model: str | LayerReader, layers: Iterable[int] | None = None, pairs
         DriftError: bad method/pairs/device, a layer out of range, fewer than two layers,
             or any checkpoint problem (see :mod:`drift.errors`).
     """
-    if method not in METHODS:
-        raise DriftError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
-    if n_null < 0:
-        raise DriftError(f"n_null must be 0 (no null) or more, not {n_null}")
-    reader = model if isinstance(model, LayerReader) else None
-    tdtype = DTYPES.get(str(dtype).replace("torch.", ""), None) if not isinstance(dtype, torch.dtype) else dtype
-    if tdtype is None:
-        raise DriftError(f"dtype must be float32 or float64, not {dtype!r}")
-    if reader is None:
-        reader = open_layers(str(model), tdtype)
+    m = methods.get(method)
+    if isinstance(n_null, bool) or not isinstance(n_null, int) or n_null < 0:
+        raise DriftError(f"n_null must be an integer, 0 (no null) or more, not {n_null!r}")
+    seed = check_seed(seed)
+    tdtype = _dtype(dtype)
+    reader = model if isinstance(model, LayerReader) else open_layers(str(model), tdtype)
     dev = resolve_device(device)
-    layers = list(range(reader.n_layers)) if layers is None else [int(x) for x in layers]
-    for L in layers:
-        if not 0 <= L < reader.n_layers:
-            raise LayerIndexError(f"layer {L} is out of range: the model has {reader.n_layers} layers "
-                                  f"(0..{reader.n_layers - 1})")
-    if len(layers) < 2:
-        raise DriftError(f"need at least two layers to compare, got {layers}")
+    layers = _layers(layers, reader.n_layers)
     plist = layer_pairs(layers, pairs)
-    form_fn = METHOD_FORMS[method]
+    sym = reader.sym
+    memory.for_layers(sym, torch.empty((), dtype=tdtype).element_size())
 
-    forms: dict[int, object] = {}
-    uses = {L: [k for k, p in enumerate(plist) if L in p] for L in layers}
-    form_bytes = [0]  # the size of one form, once one is made
-
-    def form(L: int):
-        if L not in forms:
-            forms[L] = form_fn(reader.read(L).map(lambda t: t.to(device=dev, dtype=tdtype)), consume=True)
-            release_memory()
-            if not form_bytes[0]:
-                form_bytes[0] = _nbytes(forms[L])
-        return forms[L]
-
-    gen = torch.Generator().manual_seed(int(seed))
-    # One random residual rotation per null draw, shared by every pair: each pair's null is
-    # still layer_b against an independent random rotation of itself (d_model QRs are not free).
-    rotations = [random_orthogonal(reader.sym.d_model, gen, tdtype).to(dev) for _ in range(n_null)]
-    null_gens = [torch.Generator().manual_seed(int(seed) * 1000 + k) for k in range(len(plist))]
-
-    from tqdm.auto import tqdm
-
-    # Each pair is one observed comparison plus n_null null ones. A comparison is a generator
-    # (see methods.run_steps) that yields its large assignment problem (exact: the MLP units),
-    # then does the work that does not need the answer, then yields AWAIT and receives it.
-    # The assignments run in worker processes while this thread goes on with that work and
-    # with the next comparisons, at most `workers` in flight. Layers are read in pair order
-    # and a layer's form is dropped once every comparison that uses it has finished.
-    steps_fn = METHOD_STEPS[method]
-    workers = _workers(reader.sym.d_ff, len(plist) * (1 + n_null), method)
+    # Layers are read in pair order; a form is dropped once every comparison using it is done.
+    budget = form_budget if dev.type == "cpu" else float("inf")
+    store = schedule.FormStore(
+        lambda L: m.form(reader.read(L).map(lambda t: t.to(device=dev, dtype=tdtype)), consume=True),
+        plist, budget)
+    draws = NullDraws(sym.d_model, n_null, seed, tdtype, dev)
+    shuffles: dict[int, torch.Generator] = {}  # pair -> its gain-shuffle generator, while in use
     obs: dict[int, dict[str, float]] = {}
     null_sum: dict[int, dict[str, float]] = {}
     left = {k: 1 + n_null for k in range(len(plist))}  # comparisons not yet finished, per pair
-    if callable(progress):
-        bar = _CallbackBar(progress, len(plist))
-    else:
-        bar = tqdm(total=len(plist), desc=f"drift {method}", unit="pair", disable=not progress, leave=False)
+    bar = _progress_bar(progress, len(plist), method)
 
-    def finished(task: tuple[int, int], values: dict[str, float]) -> None:
-        k, j = task
-        if j == 0:
+    def start(task: schedule.Task) -> methods.Comparison:
+        a, b = plist[task.pair]
+        fa, fb = store.get(a), store.get(b)
+        if task.draw:
+            gen = shuffles.setdefault(task.pair, draws.gains_generator(task.pair))
+            fb = m.null_partner(fb, draws.rotation(task.draw - 1), gen)
+        return m.compare(fa, fb)
+
+    def done(task: schedule.Task, values: dict[str, float]) -> None:
+        k = task.pair
+        if task.draw == 0:
             obs[k] = values
         else:
             acc = null_sum.setdefault(k, {})
@@ -160,98 +139,74 @@ def analyze(model: str | LayerReader, layers: Iterable[int] | None = None, pairs
         left[k] -= 1
         if left[k] == 0:
             bar.update(1)
-            for L in list(forms):
-                if all(left[i] == 0 for i in uses[L]):
-                    forms.pop(L)
-        release_memory()
+            shuffles.pop(k, None)
+        memory.release_memory()
 
-    def start(task: tuple[int, int]):
-        k, j = task
-        a, b = plist[k]
-        fa, fb = form(a), form(b)
-        if j:  # exact rotates the MLP blocks as it reads them: no rotated copy of the MLP
-            fb = fb.rotate_residual(rotations[j - 1], lazy_mlp=method == "exact").shuffle_gains(null_gens[k])
-        gen = steps_fn(fa, fb)
-        try:
-            fut = lap_submit(next(gen), maximize=True)
-            if next(gen) is not AWAIT:
-                raise AssertionError("a comparison must yield AWAIT after its assignment")
-            return gen, fut
-        except StopIteration as stop:
-            finished(task, stop.value)
-            return None
-
-    inflight: deque = deque()
-
-    # Forms held in host memory stay within `form_budget` bytes where the pair order allows:
-    # before a comparison needs a new form, earlier comparisons are finished (their forms
-    # dropped) and, if still over, forms that the next pair does not use are dropped and made
-    # again when needed. At the 4B shape (0.4 GB a form) this keeps two forms, not four.
-    budget = form_budget if dev.type == "cpu" else float("inf")
-
-    def over(pair: tuple[int, int]) -> bool:
-        new = sum(L not in forms for L in set(pair))
-        return bool(new) and (len(forms) + new) * form_bytes[0] > max(budget, 2 * form_bytes[0])
-
-    def make_room(pair: tuple[int, int]) -> None:
-        while inflight and over(pair):
-            finish_oldest()
-        if over(pair):
-            for L in [L for L in forms if L not in pair]:
-                if over(pair):
-                    forms.pop(L)
-            release_memory()
-
-    def finish_oldest() -> None:
-        task, gen, fut = inflight.popleft()
-        try:
-            gen.send(wait(fut))
-            raise AssertionError("a comparison yielded a second assignment")
-        except StopIteration as stop:
-            finished(task, stop.value)
-
-    # While assignment workers run, this thread's torch ops get the cores they leave: on 2
-    # cores, a 2-thread OpenMP region next to a busy worker waits on its descheduled thread.
-    threads = torch.get_num_threads()
-    if workers > 1 and dev.type == "cpu":
-        torch.set_num_threads(max(1, threads - workers + 1))
-    try:
-        with lap_pool(workers):
-            for task in ((k, j) for k in range(len(plist)) for j in range(1 + n_null)):
-                make_room(plist[task[0]])
-                started = start(task)
-                if started is not None:
-                    inflight.append((task, *started))
-                while len(inflight) >= max(workers, 1):
-                    finish_oldest()
-            while inflight:
-                finish_oldest()
-    finally:
-        torch.set_num_threads(threads)
+    tasks = schedule.plan(len(plist), n_null)
+    with schedule.executor_for(m.assigns, sym.d_ff, len(tasks), dev) as executor:
+        schedule.run(tasks, start, executor, store, done)
     bar.close()
+    reader.ckpt.close()
+    name = str(model if not isinstance(model, LayerReader) else reader.ckpt.name)
+    return _result(name, reader, m, plist, obs, null_sum,
+                   dict(pairs=pairs, layers=layers, seed=seed, n_null=n_null, dtype=tdtype, device=dev))
+
+
+def _dtype(dtype: str | torch.dtype) -> torch.dtype:
+    name = str(dtype).replace("torch.", "")
+    if name not in DTYPES:
+        raise DriftError(f"dtype must be float32 or float64, not {dtype!r}")
+    return DTYPES[name]
+
+
+def _layers(layers: Iterable[int] | None, n_layers: int) -> list[int]:
+    if layers is None:
+        return list(range(n_layers))
+    out = []
+    for L in list(layers):
+        if isinstance(L, bool) or not hasattr(L, "__index__"):
+            raise DriftError(f"layers must be integers, not {L!r}")
+        L = int(L)
+        if not 0 <= L < n_layers:
+            raise LayerIndexError(f"layer {L} is out of range: the model has {n_layers} layers "
+                                  f"(0..{n_layers - 1})")
+        out.append(L)
+    if len(out) < 2:
+        raise DriftError(f"need at least two layers to compare, got {out}")
+    return out
+
+
+def _progress_bar(progress, total: int, method: str):
+    if callable(progress):
+        return _CallbackBar(progress, total)
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=f"drift {method}", unit="pair", disable=not progress, leave=False)
+
+
+def _result(name: str, reader: LayerReader, m: methods.Method, plist, obs, null_sum, args: dict) -> AnalysisResult:
+    import pandas as pd  # here, not at import: its pages would count in every run's peak
+
     nan = float("nan")
 
     def rho(v: float, null: float) -> float:
         return v / null if null > 0 else nan  # NaN when there is no null (n_null=0) or it is 0
 
+    s = reader.sym
     rows = [dict(family=f, layer_a=a, layer_b=b, residual=v, null=null, rho=rho(v, null),
-                 invariant=family_invariant(method, reader.sym, f), kind=family_kind(f))
+                 invariant=families.invariant(m.name, s, f), kind=families.kind(f))
             for k, (a, b) in enumerate(plist) for f, v in obs[k].items()
             for null in [null_sum.get(k, {}).get(f, nan)]]
-    reader.ckpt.close()
-    import pandas as pd  # here, not at import: its pages would count in every run's peak
-
     df = pd.DataFrame(rows)
-    order = _family_order(list(dict.fromkeys(df["family"])))
+    order = families.order(list(dict.fromkeys(df["family"])))
     df["family"] = pd.Categorical(df["family"], categories=order, ordered=True)
     df = df.sort_values(["family", "layer_a", "layer_b"], kind="stable").reset_index(drop=True)
     df["family"] = df["family"].astype(str)
-    s = reader.sym
+    n_null = args["n_null"]
     meta = dict(
-        model=str(model if not isinstance(model, LayerReader) else reader.ckpt.name),
-        architecture=s.arch, method=method, pairs=pairs, layers=layers, seed=int(seed), n_null=n_null,
-        dtype=str(tdtype).replace("torch.", ""), device=str(dev), drift_version=__version__,
-        approximate=method != "exact",
+        model=name, architecture=s.arch, method=m.name, pairs=args["pairs"], layers=args["layers"],
+        seed=args["seed"], n_null=n_null, dtype=str(args["dtype"]).replace("torch.", ""),
+        device=str(args["device"]), drift_version=__version__, approximate=m.approximate,
         config=dict(n_layers=reader.n_layers, d_model=s.d_model, n_heads=s.n_heads,
                     n_kv_heads=s.n_kv_heads, d_head=s.d_head, d_ff=s.d_ff, rope=s.rope,
                     rotary_dims=s.rotary_dims, qk_norm=s.qk_norm, mlp=s.mlp_kind, norm=s.norm_kind),
@@ -262,36 +217,3 @@ def analyze(model: str | LayerReader, layers: Iterable[int] | None = None, pairs
         rho="residual / null (0: identical up to the removed gauge; 1: as different as unrelated)",
     )
     return AnalysisResult(df, meta)
-
-
-def _nbytes(form) -> int:
-    """Bytes held by a form's tensors."""
-    from dataclasses import fields
-
-    total = 0
-    for f in fields(form):
-        v = getattr(form, f.name)
-        for t in (v.values() if isinstance(v, dict) else [v]):
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
-    return total
-
-
-def _workers(d_ff: int, n_tasks: int, method: str) -> int:
-    """Assignment worker processes: only worth starting when there are large assignments."""
-    import os
-
-    from .align import POOL_MIN_SIZE
-
-    if method != "exact" or n_tasks < 2 or d_ff < POOL_MIN_SIZE:
-        return 1
-    return max(1, min(os.cpu_count() or 1, n_tasks))
-
-
-_ORDER = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-          "qk_circuit", "ov_circuit", "input_ln", "post_attn_ln", "attn_out_ln", "mlp_out_ln",
-          "q_norm", "k_norm"]
-
-
-def _family_order(families: list[str]) -> list[str]:
-    return [f for f in _ORDER if f in families] + [f for f in families if f not in _ORDER]

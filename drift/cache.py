@@ -78,11 +78,13 @@ VIEW_MODULES = frozenset({"plots.py", "widgets.py", "cache.py"})
 
 @functools.lru_cache(maxsize=1)
 def code_digest() -> str:
-    """SHA-256 (16 hex digits) of every ``drift/*.py`` that can change a result."""
+    """SHA-256 (16 hex digits) of every source file of the package (subpackages included)
+    that can change a result."""
     h = hashlib.sha256()
-    for f in sorted(Path(__file__).parent.glob("*.py")):
-        if f.name not in VIEW_MODULES:
-            h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    root = Path(__file__).parent
+    for f in sorted(root.rglob("*.py")):
+        if f.name not in VIEW_MODULES or f.parent != root:
+            h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
     return h.hexdigest()[:16]
 
 

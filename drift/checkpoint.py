@@ -183,9 +183,6 @@ class Checkpoint:
         config = read_config(folder)
         return cls(folder, config, ShardIndex.of(folder), name=str(model))
 
-    def has(self, name: str) -> bool:
-        return name in self.index.weight_map
-
     def _file(self, fname: str) -> Any:
         if self._handle is not None and self._handle[0] == fname:
             return self._handle[1]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import DriftError
+from .methods import METHODS
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -30,10 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--block-start", type=int, default=None, help="first layer (default 0)")
     a.add_argument("--block-end", type=int, default=None, help="last layer, inclusive (default: last)")
     a.add_argument("--pairs", choices=["consecutive", "all"], default="consecutive")
-    a.add_argument("--method", choices=["exact", "rotation", "raw"], default="exact",
-                   help="exact: remove exactly the model's symmetry group (default); rotation: the "
-                        "reference script's per-head O(d_head) + O(d_ff) rotations, orientation "
-                        "corrected (approximate: not a symmetry); raw: no alignment")
+    a.add_argument("--method", choices=list(METHODS), default="exact",
+                   help="; ".join(f"{m.name}: {m.about}" for m in METHODS.values()))
     a.add_argument("--out", default=None, help="JSON output path (default: drift_<model>_<method>.json)")
     a.add_argument("--device", default="auto", help="auto | cpu | cuda")
     a.add_argument("--dtype", choices=["float32", "float64"], default="float32")
@@ -74,18 +73,6 @@ def _format_table(result) -> str:
     return "\n".join(lines)
 
 
-LARGE_LAYER_BYTES = 256 << 20
-"""From this layer size on (Qwen3-4B: 0.4 GB in float32), the CLI maps large buffers
-(:func:`drift.align.map_large_buffers`)."""
-
-
-def layer_bytes(sym, itemsize: int = 4) -> int:
-    """Bytes of one layer's weight matrices at ``itemsize`` bytes per entry."""
-    attn = (2 * sym.n_heads + 2 * sym.n_kv_heads) * sym.d_head * sym.d_model
-    mlp = (3 if sym.is_glu else 2) * sym.d_ff * sym.d_model
-    return (attn + mlp) * itemsize
-
-
 def analyze_command(args: argparse.Namespace) -> int:
     from .analysis import analyze
     from .canonical import open_layers
@@ -93,10 +80,6 @@ def analyze_command(args: argparse.Namespace) -> int:
     import torch
 
     reader = open_layers(args.model, torch.float64 if args.dtype == "float64" else torch.float32)
-    if layer_bytes(reader.sym, 8 if args.dtype == "float64" else 4) >= LARGE_LAYER_BYTES:
-        from .align import map_large_buffers
-
-        map_large_buffers()
     n = reader.n_layers
     start = 0 if args.block_start is None else args.block_start
     end = n - 1 if args.block_end is None else args.block_end

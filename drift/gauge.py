@@ -24,7 +24,7 @@ basis are undone depends on the architecture:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -41,11 +41,6 @@ _READER_BIAS = {"W_Q": "b_Q", "W_K": "b_K", "W_V": "b_V", "W_gate": "b_gate", "W
 def _heads(layer: CanonicalLayer, g: int) -> range:
     r = layer.sym.group_size
     return range(g * r, (g + 1) * r)
-
-
-def _bmm_left(M: Tensor, W: Tensor) -> Tensor:
-    """M (d, d) times every row block W (..., d, p)."""
-    return torch.einsum("ij,...jp->...ip", M, W)
 
 
 # --------------------------------------------------------------------------- attention

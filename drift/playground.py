@@ -21,7 +21,7 @@ import copy
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Callable, Mapping
 
 import pandas as pd
 import torch

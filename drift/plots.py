@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from .methods import METHODS
 from .result import AnalysisResult
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -45,11 +46,7 @@ VALUE_LABELS = {
 
 VALUE_SHORT = {"rho": "ρ", "residual": "residual", "null": "null"}
 
-METHOD_NAMES = {
-    "exact": "exact gauge",
-    "rotation": "rotation (approximate)",
-    "raw": "raw (no alignment)",
-}
+METHOD_NAMES = {name: m.title for name, m in METHODS.items()}
 """How titles name each method."""
 
 METHOD_COLORS = {"raw": "#9e9e9e", "rotation": "#e6892e", "exact": "#2b6cb0"}

@@ -42,11 +42,12 @@ import ipywidgets as W
 from . import plots
 from .cache import Cache
 from .errors import DriftError
+from .methods import METHODS as _REGISTRY
 from .result import AnalysisResult
 
 log = logging.getLogger(__name__)
 
-METHODS = ("exact", "rotation", "raw")
+METHODS = tuple(_REGISTRY)
 PAIRS = ("consecutive", "all")
 VALUES = (("ρ", "rho"), ("residual", "residual"))
 RENDER_MEMORY = 8
@@ -152,9 +153,7 @@ class Explorer:
         self._block = W.IntRangeSlider(value=(0, 1), min=0, max=1, description="block",
                                        continuous_update=False, style=label, layout=W.Layout(width="560px"))
         self._method = W.ToggleButtons(options=METHODS, value=_choice(method, METHODS, "method"),
-                                       tooltips=["exact gauge group of the architecture",
-                                                 "the reference script's rotations (approximate)",
-                                                 "no alignment"])
+                                       tooltips=[_REGISTRY[m].about for m in METHODS])
         self._pairs = W.ToggleButtons(options=PAIRS, value=_choice(pairs, PAIRS, "pairs"))
         self._value = W.ToggleButtons(options=VALUES, value=_choice(value, [v for _, v in VALUES], "value"))
         self._families = W.SelectMultiple(options=[], rows=6, description="families", style=label,
@@ -464,7 +463,7 @@ def _interruptible():
     the default handler is installed for the duration; in the second, the main thread's event
     loop installs a handler that raises KeyboardInterrupt asynchronously in this thread (it
     lands at the next Python instruction: waits on assignment workers poll, see
-    :func:`drift.align.wait`). Outside a kernel, or off the main thread elsewhere, it does
+    :func:`drift.assign.wait`). Outside a kernel, or off the main thread elsewhere, it does
     nothing."""
     if threading.current_thread() is threading.main_thread():
         previous = signal.getsignal(signal.SIGINT)

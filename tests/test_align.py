@@ -8,7 +8,7 @@ import torch
 from scipy.linalg import orthogonal_procrustes
 from scipy.optimize import linear_sum_assignment
 
-from drift import align
+from drift import align, assign
 from drift.gauge import random_gl, random_group_perm
 
 
@@ -85,19 +85,13 @@ def test_balance_gl_is_a_canonical_form():
     assert float((R_raw @ A - A2).norm() / A2.norm()) > 0.1
 
 
-def test_product_dist2_equals_explicit():
-    Aa, Ba, Ab, Bb = (randn(6, n, seed=s) for s, n in ((12, 30), (13, 25), (14, 30), (15, 25)))
-    explicit = float(((Aa.T @ Ba) - (Ab.T @ Bb)).norm() ** 2)
-    assert float(align.product_dist2(Aa, Ba, Ab, Bb)) == pytest.approx(explicit, rel=1e-10)
-
-
 def test_lap_matches_scipy_and_recovers_planted_permutation():
     n = 300
     X = randn(n, 20, seed=16)
     perm = torch.randperm(n, generator=gen(17)).numpy()
     Y = X[perm] + 0.01 * randn(n, 20, seed=18)  # Y[j] ≈ X[perm[j]]
     C = (Y @ X.T).numpy()  # rows: Y units, cols: X units
-    col = align.lap(C, maximize=True)
+    col = assign.lap(C, maximize=True)
     rows, cols = linear_sum_assignment(C, maximize=True)
     assert (col[rows] == cols).all()
     assert (col == perm).all()
@@ -110,13 +104,13 @@ def test_block_cost_assignment_equals_scipy_on_the_dense_matrix(pooled, tmp_path
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     import tempfile
     monkeypatch.setattr(tempfile, "tempdir", None)
-    n = align.POOL_MIN_SIZE + 37
+    n = assign.POOL_MIN_SIZE + 37
     X, Y = randn(n, 8, seed=30).float(), randn(n, 8, seed=31).float()
-    cost = align.BlockCost((n, n), lambda r0, r1: Y[r0:r1] @ X.T, rows_per_block=200)
+    cost = assign.BlockCost((n, n), lambda r0, r1: Y[r0:r1] @ X.T, rows_per_block=200)
     dense = (Y @ X.T).double().numpy()
     rows, cols = linear_sum_assignment(dense, maximize=True)
-    with align.lap_pool(2 if pooled else 1):
-        got = align.lap(cost, maximize=True)
+    with assign.lap_pool(2 if pooled else 1):
+        got = assign.lap(cost, maximize=True)
     assert (got[rows] == cols).all()
     assert list(tmp_path.iterdir()) == []
 
@@ -141,7 +135,7 @@ def test_match_heads_recovers_a_planted_group_permutation(n_kv, r):
     perm = random_group_perm(nh, n_kv, gen(19))
     feats = randn(nh, 10, seed=20)
     cost = torch.cdist(feats, feats[perm]) ** 2  # cost[h_a, h_b] = 0 iff h_a = perm[h_b]
-    got = align.match_heads(cost, n_kv)
+    got = assign.match_heads(cost, n_kv)
     assert (got == perm).all()
 
 
@@ -150,10 +144,10 @@ def test_match_heads_respects_groups_even_when_a_cross_group_swap_is_cheaper():
     cost = torch.full((4, 4), 10.0, dtype=torch.float64)
     cost[0, 2] = cost[2, 0] = 0.0
     cost[0, 0] = cost[1, 1] = cost[2, 2] = cost[3, 3] = 1.0
-    got = align.match_heads(cost, 2)
+    got = assign.match_heads(cost, 2)
     groups = got.reshape(2, 2) // 2
     assert (groups == groups[:, :1]).all()
-    flat = align.lap(cost)
+    flat = assign.lap(cost)
     assert flat[2] == 0  # the unconstrained optimum would cross groups
 
 
@@ -164,7 +158,7 @@ def test_match_heads_is_optimal_against_scipy_two_level(n_kv, r):
     rng = np.random.default_rng(n_kv * 10 + r)
     for _ in range(10):
         c = rng.random((n_kv * r, n_kv * r))
-        perm = align.match_heads(torch.as_tensor(c), n_kv)
+        perm = assign.match_heads(torch.as_tensor(c), n_kv)
         groups = perm.reshape(n_kv, r) // r
         assert (groups == groups[:, :1]).all()
         got = c[perm, np.arange(n_kv * r)].sum()
@@ -181,13 +175,11 @@ def test_pool_workers_ignore_sigint_and_the_parent_keeps_them():
     import os
     import signal
 
-    from drift import align
-
-    with align.lap_pool(2):
-        pids = align._POOL.submit(os.getpid).result(), align._POOL.submit(os.getpid).result()
+    with assign.lap_pool(2):
+        pids = assign._POOL.submit(os.getpid).result(), assign._POOL.submit(os.getpid).result()
         for pid in set(pids):
             os.kill(pid, signal.SIGINT)
         rng = np.random.default_rng(0)
-        cost = rng.normal(size=(align.POOL_MIN_SIZE, align.POOL_MIN_SIZE))
-        col = align.lap(cost)
+        cost = rng.normal(size=(assign.POOL_MIN_SIZE, assign.POOL_MIN_SIZE))
+        col = assign.lap(cost)
     assert (col == linear_sum_assignment(cost)[1]).all()

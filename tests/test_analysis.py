@@ -151,7 +151,8 @@ def test_consumed_form_and_lazy_null_rotation_change_nothing(unrelated, name):
 
 
 def test_lazy_rotations_are_refused_where_they_would_be_wrong(unrelated):
-    from drift.methods import _mlp_cost, rotation_compare, rotation_form
+    from drift.methods import rotation_compare, rotation_form
+    from drift.methods.exact import _mlp_cost
 
     reader = LayerReader(Checkpoint.open(unrelated("llama")), torch.float32)
     f = exact_form(reader.read(0))

@@ -105,6 +105,24 @@ def test_code_digest_ignores_the_view_modules():
     assert "plots.py" in dcache.VIEW_MODULES and len(dcache.code_digest()) == 16
 
 
+def test_code_digest_reads_the_methods_subpackage(tmp_path, monkeypatch):
+    """An edit to a method (drift/methods/*.py) must change the digest, as one to analysis.py."""
+    import shutil
+
+    root = Path(dcache.__file__).parent
+    copy = tmp_path / "drift"
+    shutil.copytree(root, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(dcache, "__file__", str(copy / "cache.py"))
+    digests = []
+    for edit in (None, copy / "methods" / "exact.py", copy / "plots.py"):
+        if edit is not None:
+            edit.write_text(edit.read_text() + "\n# edited\n")
+        dcache.code_digest.cache_clear()
+        digests.append(dcache.code_digest())
+    dcache.code_digest.cache_clear()
+    assert digests[0] != digests[1] and digests[1] == digests[2]
+
+
 def test_changed_checkpoint_misses(tmp_path, cache, fake, ckpt):
     import shutil
 

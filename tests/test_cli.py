@@ -99,9 +99,9 @@ def test_no_null_run_ranks_by_residual_and_writes_null_as_json_null(tmp_path):
 
 
 def test_only_large_layers_switch_the_allocator():
-    """The CLI maps large buffers for layers of Qwen3-4B's size, not for small ones."""
+    """Analyses (API and CLI alike) map large buffers for layers of Qwen3-4B's size, not for small ones."""
     from drift.canonical import LayerSymmetry
-    from drift.cli import LARGE_LAYER_BYTES, layer_bytes
+    from drift.memory import LARGE_LAYER_BYTES, layer_bytes
 
     def qwen3(d, nh, nkv, ff):
         return LayerSymmetry(arch="qwen3", n_heads=nh, n_kv_heads=nkv, d_head=128, d_model=d, d_ff=ff,

@@ -1,0 +1,191 @@
+"""Running an analysis's comparisons: the plan, a store of layer forms under a byte budget,
+and executors for the large assignments.
+
+The plan is every layer pair times (the observed comparison + ``n_null`` null draws), in pair
+order. :func:`run` turns each task into a :class:`~drift.methods.Comparison`, hands its
+assignment (if any) to the executor, does the comparison's ``prepare()`` here while the
+executor solves, and its ``finish(answer)`` once the answer is back, with at most
+``executor.width`` tasks in flight. Each comparison does the same arithmetic whatever the
+executor, so pipelined and sequential runs give identical numbers.
+
+Executors: :class:`InProcess` (solve now, in this thread) and :class:`LocalProcesses`
+(forked workers, :func:`drift.assign.lap_pool`). Another executor (GPU-resident costs, a
+cluster) needs ``width``, ``submit(cost) -> Future`` and the context manager protocol.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from .assign import POOL_MIN_SIZE, lap_pool, lap_submit, solve, wait
+from .memory import release_memory
+
+
+@dataclass(frozen=True)
+class Task:
+    pair: int  # index into the analysis's pair list
+    draw: int  # 0: the observed comparison; j ≥ 1: null draw j
+
+
+def plan(n_pairs: int, n_null: int) -> list[Task]:
+    return [Task(k, j) for k in range(n_pairs) for j in range(1 + n_null)]
+
+
+class FormStore:
+    """Layer forms made on demand by ``make(L)``, held within ``budget`` bytes where the pair
+    order allows (never fewer than the two a comparison needs): before a pair needs a new form,
+    the scheduler finishes comparisons in flight, then forms the pair does not use are dropped
+    (and made again if a later pair needs them). A form is dropped as soon as every pair that
+    uses it is finished. ``peak``: the most forms held at once; ``made``: forms made."""
+
+    def __init__(self, make: Callable[[int], object], pairs: Sequence[tuple[int, int]],
+                 budget: float = float("inf")):
+        self._make, self.pairs, self.budget = make, list(pairs), budget
+        self.forms: dict[int, object] = {}
+        self._uses = {L: {k for k, p in enumerate(self.pairs) if L in p} for p in self.pairs for L in p}
+        self._finished: set[int] = set()
+        self.form_bytes = 0  # one form's size, once one is made
+        self.peak = self.made = 0
+
+    def get(self, L: int):
+        if L not in self.forms:
+            self.forms[L] = self._make(L)
+            self.made += 1
+            release_memory()
+            if not self.form_bytes:
+                self.form_bytes = nbytes(self.forms[L])
+            self.peak = max(self.peak, len(self.forms))
+        return self.forms[L]
+
+    def over(self, pair: tuple[int, int]) -> bool:
+        """Would making the forms ``pair`` lacks exceed the budget?"""
+        new = sum(L not in self.forms for L in set(pair))
+        return bool(new) and (len(self.forms) + new) * self.form_bytes > max(self.budget, 2 * self.form_bytes)
+
+    def make_room(self, pair: tuple[int, int]) -> None:
+        """Drop forms that ``pair`` does not use while over the budget."""
+        if self.over(pair):
+            for L in [L for L in self.forms if L not in pair]:
+                if self.over(pair):
+                    self.forms.pop(L)
+            release_memory()
+
+    def finished(self, pair: int) -> None:
+        """Every comparison of ``pair`` is done: drop the forms no unfinished pair uses."""
+        self._finished.add(pair)
+        for L in list(self.forms):
+            if self._uses[L] <= self._finished:
+                self.forms.pop(L)
+
+
+def nbytes(form) -> int:
+    """Bytes held by a form's tensors."""
+    from dataclasses import fields
+
+    total = 0
+    for f in fields(form):
+        v = getattr(form, f.name)
+        for t in (v.values() if isinstance(v, dict) else [v]):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
+
+
+class InProcess:
+    """Each assignment solved in this thread when it is submitted: one task at a time."""
+
+    width = 1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def submit(self, cost) -> Future:
+        fut: Future = Future()
+        fut.set_result(solve(cost, maximize=True))
+        return fut
+
+
+class LocalProcesses:
+    """Assignments of at least ``POOL_MIN_SIZE`` solved in ``workers`` forked processes,
+    ``workers`` tasks in flight. While they run, this thread's torch ops get the cores they
+    leave: on 2 cores, a 2-thread OpenMP region next to a busy worker waits on its
+    descheduled thread."""
+
+    def __init__(self, workers: int, device: torch.device = torch.device("cpu")):
+        self.width, self.device = workers, device
+        self._pool = lap_pool(workers)
+
+    def __enter__(self):
+        self._threads = torch.get_num_threads()
+        if self.device.type == "cpu":
+            torch.set_num_threads(max(1, self._threads - self.width + 1))
+        try:
+            self._pool.__enter__()
+        except BaseException:
+            torch.set_num_threads(self._threads)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self._pool.__exit__(*exc)
+        finally:
+            torch.set_num_threads(self._threads)
+
+    def submit(self, cost) -> Future:
+        return lap_submit(cost, maximize=True)
+
+
+def executor_for(assigns: bool, d_ff: int, n_tasks: int, device: torch.device):
+    """Worker processes only where there are large assignments to overlap."""
+    import os
+
+    if not assigns or n_tasks < 2 or d_ff < POOL_MIN_SIZE:
+        return InProcess()
+    workers = max(1, min(os.cpu_count() or 1, n_tasks))
+    return LocalProcesses(workers, device) if workers > 1 else InProcess()
+
+
+def run(tasks: Sequence[Task], start: Callable, executor, store: FormStore,
+        done: Callable[[Task, dict[str, float]], None]) -> None:
+    """Every task through ``start(task) -> Comparison``, the executor and ``done(task,
+    residuals)``; see the module docstring. ``store`` is the one ``start`` takes forms from;
+    it is told when the last task of a pair is done."""
+    inflight: deque = deque()
+    left = Counter(t.pair for t in tasks)
+
+    def finished(task: Task, values: dict[str, float]) -> None:
+        done(task, values)
+        left[task.pair] -= 1
+        if not left[task.pair]:
+            store.finished(task.pair)
+
+    def finish_oldest() -> None:
+        task, c, fut = inflight.popleft()
+        finished(task, c.finish(wait(fut)))
+
+    for task in tasks:
+        pair = store.pairs[task.pair]
+        while inflight and store.over(pair):
+            finish_oldest()
+        store.make_room(pair)
+        c = start(task)
+        if c.assignment is None:
+            c.prepare()
+            finished(task, c.finish(None))
+        else:
+            fut = executor.submit(c.assignment)
+            c.prepare()
+            inflight.append((task, c, fut))
+        while len(inflight) >= max(executor.width, 1):
+            finish_oldest()
+    while inflight:
+        finish_oldest()
