@@ -33,7 +33,12 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """``auto`` picks CUDA when available, else CPU."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise DriftError(f"device must be auto, cpu or cuda (cuda:N), not {device!r}")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise DriftError("--device cuda requested but no CUDA device is available")
     return dev

@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .errors import UnsupportedArchitectureError
+from .errors import ConfigError, UnsupportedArchitectureError
 
 
 @dataclass(frozen=True)
@@ -192,6 +192,10 @@ def find_arch(config: dict[str, Any]) -> ArchSpec:
     """
     archs = config.get("architectures") or []
     model_type = config.get("model_type")
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise ConfigError(f"config.json: architectures must be a list of class names, not {archs!r}")
+    if model_type is not None and not isinstance(model_type, str):
+        raise ConfigError(f"config.json: model_type must be a string, not {model_type!r}")
     spec = None
     for a in archs:
         spec = next((s for s in REGISTRY if a in s.architectures), None)

@@ -8,6 +8,9 @@ now or, inside :class:`lap_pool`, in a forked worker that maps it from a tempora
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 import numpy as np
 import torch
 
@@ -25,15 +28,16 @@ def _lap_cols(c: np.ndarray, maximize: bool) -> np.ndarray:
     return out
 
 
-
 def _lap_file(path: str, shape: tuple[int, int]) -> np.ndarray:
     """Worker side of :func:`lap_submit`: minimise the float64 cost stored at ``path``.
     scipy works on the mapped file directly (already float64 and C-contiguous, and minimising
     needs no negated copy), so a worker holds one n×n float64 matrix and nothing more."""
     # "r+": scipy copies a read-only array (measured: +n² float64 of private memory); it never
     # writes to a cost it minimises, and the file is ours and temporary anyway.
-    return _lap_cols(np.memmap(path, dtype=np.float64, mode="r+", shape=shape), maximize=False)
-
+    cost = np.memmap(path, dtype=np.float64, mode="r+", shape=shape)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)  # the mapping stays readable; no file outlives a killed process now
+    return _lap_cols(cost, maximize=False)
 
 
 class BlockCost:
@@ -64,7 +68,6 @@ class BlockCost:
         return out
 
 
-
 _POOL = None
 POOL_MIN_SIZE = 1024
 
@@ -90,6 +93,8 @@ class lap_pool:
 
             import scipy.optimize  # noqa: F401 - imported once here, not again in every worker
 
+            remove_stale_costs()
+
             _POOL = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("fork"),
                                         initializer=_worker_init)
             # Fork the workers now, while this process is small: a worker forked later shares
@@ -107,15 +112,58 @@ class lap_pool:
             _POOL = None
 
 
-
 def _worker_init() -> None:
     """A worker ignores SIGINT: Ctrl-C (or a notebook's interrupt) reaches the whole process
     group, and it is the parent that stops, cancelling what is queued; a worker that died of
-    it would leave the pool broken and print a traceback per worker."""
+    it would leave the pool broken and print a traceback per worker. SIGTERM and SIGHUP end
+    it at once, and so does its parent's death."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # not the parent's handlers (the CLI's unwinding)
+        signal.signal(sig, signal.SIG_DFL)
+    _die_with_parent()
 
+
+def _die_with_parent() -> None:
+    """Linux: have the kernel send this worker SIGTERM when its parent dies (``kill -9`` of
+    drift, a closed notebook kernel), so that no worker is left holding the parent's stdout."""
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent died before the request took effect
+        os._exit(1)
+
+
+COST_PREFIX = "drift-lap-"
+"""Temporary cost files: ``drift-lap-<pid>-<random>.f64`` in the temp folder."""
+
+
+def remove_stale_costs() -> list[str]:
+    """Delete cost files left by drift processes that no longer exist (killed before they
+    could clean up); returns their paths."""
+    import glob
+    import tempfile
+
+    gone = []
+    for path in glob.glob(os.path.join(tempfile.gettempdir(), f"{COST_PREFIX}*-*.f64")):
+        try:
+            pid = int(os.path.basename(path)[len(COST_PREFIX):].split("-")[0])
+            os.kill(pid, 0)
+        except ValueError:
+            continue
+        except ProcessLookupError:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+                gone.append(path)
+        except PermissionError:  # alive, another user's
+            continue
+    return gone
 
 
 def wait(fut, poll_s: float = 0.2):
@@ -130,7 +178,6 @@ def wait(fut, poll_s: float = 0.2):
                 return fut.result()
 
 
-
 def _as_numpy(cost: np.ndarray | Tensor) -> np.ndarray:
     if isinstance(cost, Tensor):
         c = cost.detach().cpu()
@@ -138,13 +185,11 @@ def _as_numpy(cost: np.ndarray | Tensor) -> np.ndarray:
     return np.asarray(cost, float)
 
 
-
 def _write_cost(cost: BlockCost, sign: float) -> str:
     """The blocks of ``cost`` (times ``sign``) as raw float64 in a new temporary file."""
-    import os
     import tempfile
 
-    fd, path = tempfile.mkstemp(prefix="drift-lap-", suffix=".f64")
+    fd, path = tempfile.mkstemp(prefix=f"{COST_PREFIX}{os.getpid()}-", suffix=".f64")
     try:
         with os.fdopen(fd, "wb") as f:
             for _, _, b in cost.blocks(sign):
@@ -154,7 +199,6 @@ def _write_cost(cost: BlockCost, sign: float) -> str:
         raise
     release_memory()  # the blocks' buffers: without this the heap keeps ~0.1 GB at the 4B shape
     return path
-
 
 
 def lap_submit(cost: np.ndarray | Tensor | BlockCost, maximize: bool = False):
@@ -171,13 +215,16 @@ def lap_submit(cost: np.ndarray | Tensor | BlockCost, maximize: bool = False):
         done.set_result(solve(cost, maximize))
         return done
     if isinstance(cost, BlockCost):
-        import os
-
         path = _write_cost(cost, -1.0 if maximize else 1.0)
         fut = _POOL.submit(_lap_file, path, cost.shape)
-        fut.add_done_callback(lambda _: os.path.exists(path) and os.unlink(path))
+        fut.add_done_callback(lambda _: _unlink_quietly(path))  # the worker may have done it
         return fut
     return _POOL.submit(_lap_cols, _as_numpy(cost), maximize)
+
+
+def _unlink_quietly(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 def solve(cost: np.ndarray | Tensor | BlockCost, maximize: bool = False) -> np.ndarray:

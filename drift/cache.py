@@ -4,9 +4,13 @@ An entry is one JSON file named by the SHA-256 of its key. The key is everything
 decides the numbers::
 
     checkpoint identity   folder + size and mtime of every weight file (Checkpoint.identity)
+    checkpoint config     SHA-256 of the parsed config.json: editing it changes the model
     analyze's arguments   method, layers, pairs, seed, n_null, dtype, ... (all of them, with
                           their defaults filled in), except those that cannot change the
-                          numbers' meaning: ``progress`` and ``device``
+                          numbers' meaning: ``progress`` and ``device``. They are normalised
+                          first, so equal requests share one entry: ``layers`` as any iterable
+                          of integers (generator, range, numpy array) is a list of ints,
+                          ``dtype`` "fp32" or torch.float32 is "float32"
     drift version         a new release never serves an old release's numbers
     drift code digest     SHA-256 of the package's numerical source files, so that editing
                           the analysis in a development checkout (same version) does not
@@ -21,6 +25,10 @@ Safety:
 * **Verified reads.** An entry carries its key and a checksum of its payload. A file that is
   not valid JSON, whose checksum or key does not match, or whose table lacks columns is
   logged, deleted and recomputed; it is never returned.
+* **Never in the way.** The cache is an optimisation, so no state of the folder makes a call
+  fail: an entry that cannot be read or decoded, or a folder that cannot be written (read
+  only, a file in its place, a full disk), costs one logged warning, and the result is
+  computed and returned as if there were no cache.
 
 The folder is ``~/.cache/drift``, or ``$DRIFT_CACHE_DIR`` when set, or the ``directory``
 given to :class:`Cache`.
@@ -28,11 +36,14 @@ given to :class:`Cache`.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import hashlib
 import inspect
 import json
 import logging
+import operator
 import os
 import tempfile
 import time
@@ -72,6 +83,35 @@ def _jsonable(v: Any) -> Any:
     return str(v)  # torch.dtype -> "torch.float32"
 
 
+DTYPE_ALIASES = {"fp32": "float32", "fp64": "float64"}
+"""Spellings of a dtype that analyze() takes as the same one (see ``drift.analysis.DTYPES``)."""
+
+
+def _dtype_name(v: Any) -> Any:
+    """``"fp32"``, ``"torch.float32"`` and ``torch.float32`` all as ``"float32"``."""
+    name = str(v).replace("torch.", "")
+    return DTYPE_ALIASES.get(name, name)
+
+
+def _layer_list(layers: Any) -> Any:
+    """``layers`` as a list of Python ints, whatever iterable it came as. Materialised once
+    because a generator would be consumed by the key; anything that is not a sequence of
+    integers is left for analyze() to refuse with its own message."""
+    try:
+        items = list(layers)
+    except TypeError:
+        return layers
+    try:
+        return [x if isinstance(x, bool) else operator.index(x) for x in items]
+    except TypeError:
+        return items
+
+
+def _why(e: BaseException) -> str:
+    """The cause in words, without the path (the warning names it once)."""
+    return getattr(e, "strerror", None) or str(e) or type(e).__name__
+
+
 VIEW_MODULES = frozenset({"plots.py", "widgets.py", "cache.py"})
 """Source files that cannot change a result (left out of the code digest)."""
 
@@ -88,7 +128,7 @@ def code_digest() -> str:
     return h.hexdigest()[:16]
 
 
-def _checksum(payload: dict[str, Any]) -> str:
+def _checksum(payload: Any) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -137,18 +177,32 @@ class Cache:
             TypeError: an argument ``analyze`` does not take.
             ModelNotFoundError, CheckpointError: ``model`` cannot be opened.
         """
+        return self._key(self._bind(model, kwargs))
+
+    def _bind(self, model: Any, kwargs: dict[str, Any]) -> inspect.BoundArguments:
+        """analyze's arguments with defaults filled in and ``layers`` made a list (the key and
+        the call then see the same layers, even from a generator)."""
+        bound = inspect.signature(self.analyze).bind(model, **kwargs)
+        bound.apply_defaults()
+        if bound.arguments.get("layers") is not None:
+            bound.arguments["layers"] = _layer_list(bound.arguments["layers"])
+        return bound
+
+    def _key(self, bound: inspect.BoundArguments) -> dict[str, Any]:
         from . import __version__
         from .checkpoint import Checkpoint
 
-        bound = inspect.signature(self.analyze).bind(model, **kwargs)
-        bound.apply_defaults()
         args = {k: _jsonable(v) for k, v in bound.arguments.items() if k not in NOT_IN_KEY}
+        if "dtype" in args:
+            args["dtype"] = _dtype_name(args["dtype"])
+        model = bound.args[0]  # analyze's first argument is the model
         if isinstance(model, (str, os.PathLike)):
-            identity = Checkpoint.open(model).identity()
+            ckpt = Checkpoint.open(model)
         else:  # an open Checkpoint, or a LayerReader over one
-            identity = getattr(model, "ckpt", model).identity()
-        return {"format": FORMAT, "identity": identity, "args": args, "drift": __version__,
-                "code": code_digest()}
+            ckpt = getattr(model, "ckpt", model)
+        return {"format": FORMAT, "identity": ckpt.identity(),
+                "config": _checksum(getattr(ckpt, "config", None)), "args": args,
+                "drift": __version__, "code": code_digest()}
 
     @staticmethod
     def digest(key: dict[str, Any]) -> str:
@@ -159,24 +213,44 @@ class Cache:
 
     # ---------------------------------------------------------------- entries
     def get(self, key: dict[str, Any]) -> AnalysisResult | None:
-        """The cached result for ``key``, or None (absent, or corrupt and now deleted)."""
+        """The cached result for ``key``, or None (absent, unreadable or corrupt)."""
+        return self._lookup(key)[0]
+
+    def _lookup(self, key: dict[str, Any]) -> tuple[AnalysisResult | None, bool]:
+        """``(result or None, whether a new entry may be written under the key's name)``.
+
+        A bad entry is deleted so that it is recomputed into a sound one; if it cannot be
+        deleted (a folder in its place, a read-only cache) it is skipped, and no write is
+        tried either, so that the caller gets one warning, not two.
+        """
         path = self.path(key)
         try:
-            text = path.read_text()
-        except FileNotFoundError:
-            return None
+            data = path.read_bytes()
+        except (FileNotFoundError, NotADirectoryError):  # absent; a file where the folder is
+            return None, True  # is the writer's to report
+        except OSError as e:  # permission denied, a directory in its place, an I/O error
+            what, why = "unreadable", _why(e)
+        else:
+            try:
+                return self._decode(data, key), True
+            except CorruptEntry as e:
+                what, why = "corrupt", str(e)
         try:
-            return self._decode(text, key)
-        except CorruptEntry as e:
-            log.warning("drift cache: discarding corrupt entry %s (%s); it will be recomputed", path, e)
             path.unlink(missing_ok=True)
-            return None
+        except OSError:
+            log.warning("drift cache: skipping %s entry %s (%s); it cannot be removed, so the "
+                        "result is computed and not stored", what, path, why)
+            return None, False
+        log.warning("drift cache: discarding %s entry %s (%s); it will be recomputed", what, path, why)
+        return None, True
 
     @staticmethod
-    def _decode(text: str, key: dict[str, Any]) -> AnalysisResult:
+    def _decode(data: bytes, key: dict[str, Any]) -> AnalysisResult:
         try:
-            entry = json.loads(text)
-        except json.JSONDecodeError as e:
+            entry = json.loads(data.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise CorruptEntry(f"not UTF-8: {e}") from None
+        except (ValueError, RecursionError) as e:  # json.JSONDecodeError is a ValueError
             raise CorruptEntry(f"not valid JSON: {e}") from None
         if not isinstance(entry, dict) or not {"key", "checksum", "result"} <= set(entry):
             raise CorruptEntry("not a drift cache entry")
@@ -192,36 +266,48 @@ class Cache:
             raise CorruptEntry(f"rows lack columns {missing}")
         try:
             return AnalysisResult.from_json_dict(entry["result"])
-        except (ValueError, KeyError, TypeError) as e:  # e.g. "result table lacks columns"
-            raise CorruptEntry(f"unreadable result ({e})") from None
+        except Exception as e:  # noqa: BLE001 - whatever the content, an entry never raises
+            raise CorruptEntry(f"unreadable result ({type(e).__name__}: {e})") from None
 
-    def put(self, key: dict[str, Any], result: AnalysisResult) -> Path:
-        """Store ``result`` under ``key`` atomically (temporary file + fsync + rename)."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self._sweep_tmp()
-        payload = result.to_json_dict()
-        entry = {"key": key, "checksum": _checksum(payload), "result": payload}
+    def put(self, key: dict[str, Any], result: AnalysisResult) -> Path | None:
+        """Store ``result`` under ``key`` atomically (temporary file + fsync + rename).
+
+        Returns the entry's path, or None when it could not be written (logged as a warning:
+        the cache is an optimisation, so a read-only or full disk must not fail the caller).
+        """
         path = self.path(key)
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-", suffix=".json")
+        tmp = None
         try:
+            if self.directory.exists() and not self.directory.is_dir():  # say so, not "File exists"
+                raise NotADirectoryError(errno.ENOTDIR, f"{self.directory} is not a folder")
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._sweep_tmp()
+            payload = result.to_json_dict()
+            entry = {"key": key, "checksum": _checksum(payload), "result": payload}
+            fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-", suffix=".json")
             with os.fdopen(fd, "w") as f:
                 json.dump(entry, f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-        except BaseException:  # KeyboardInterrupt included: never leave the temporary file
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+            return path
+        except OSError as e:  # unwritable or full (a result that cannot be serialised is a bug: raised)
+            log.warning("drift cache: cannot store entry %s (%s); the result is not cached",
+                        path, _why(e))
+            return None
+        finally:  # KeyboardInterrupt included: never leave the temporary file
+            if tmp is not None and os.path.lexists(tmp):
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
 
     def _sweep_tmp(self) -> None:
+        """Remove left-overs of interrupted writes; housekeeping, so failures are ignored."""
         now = time.time()
-        for tmp in self.directory.glob(".tmp-*"):
-            try:
-                if now - tmp.stat().st_mtime > STALE_TMP_S:
-                    tmp.unlink()
-            except FileNotFoundError:  # another process swept it
-                pass
+        with contextlib.suppress(OSError):
+            for tmp in self.directory.glob(".tmp-*"):
+                with contextlib.suppress(OSError):  # swept by another process, or not ours
+                    if now - tmp.stat().st_mtime > STALE_TMP_S:
+                        tmp.unlink()
 
     def entries(self) -> list[Path]:
         """The entry files (not temporary files)."""
@@ -246,20 +332,24 @@ class Cache:
         """``(result, served_from_cache)`` for ``analyze(model, **kwargs)``.
 
         The result is stored only after ``analyze`` returns, so an interrupted analysis
-        stores nothing. ``refresh=True`` recomputes and overwrites.
+        stores nothing. ``refresh=True`` recomputes and overwrites. Problems of the cache
+        itself are logged, never raised: ``analyze``'s result is returned all the same.
         """
-        key = self.key(model, **kwargs)
+        bound = self._bind(model, kwargs)
+        key = self._key(bound)
         self.last_key = key
+        writable = True
         if not refresh:
-            hit = self.get(key)
+            hit, writable = self._lookup(key)
             if hit is not None:
                 self.hits += 1
                 self.last_hit = True
                 return hit, True
         self.misses += 1
         self.last_hit = False
-        result = self.analyze(model, **kwargs)
-        self.put(key, result)
+        result = self.analyze(*bound.args, **bound.kwargs)
+        if writable:
+            self.put(key, result)
         return result, False
 
 

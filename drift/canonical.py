@@ -24,6 +24,7 @@ or saved as a planted checkpoint.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterator
 
@@ -31,7 +32,8 @@ import torch
 
 from .archs import ArchSpec, find_arch
 from .checkpoint import Checkpoint
-from .errors import CheckpointError, LayerIndexError, MissingTensorError, UnsupportedArchitectureError
+from .errors import (CheckpointError, ConfigError, LayerIndexError, MissingTensorError,
+                     UnsupportedArchitectureError)
 
 Tensor = torch.Tensor
 
@@ -41,6 +43,38 @@ def _cfg(config: dict[str, Any], *keys: str, default: Any = None) -> Any:
         if config.get(k) is not None:
             return config[k]
     return default
+
+
+def _which(config: dict[str, Any], keys: tuple[str, ...]) -> str:
+    return next((k for k in keys if config.get(k) is not None), keys[0])
+
+
+def _int(config: dict[str, Any], *keys: str, default: int | None = None, minimum: int = 1) -> int:
+    """An integer config field (the first of ``keys`` present), at least ``minimum``; a
+    ConfigError names the field otherwise. ``default``: when none is present (None: required)."""
+    v = _cfg(config, *keys)
+    if v is None:
+        if default is None:
+            raise ConfigError(f"config.json lacks {' / '.join(keys)}")
+        return default
+    integral = isinstance(v, int) or isinstance(v, float) and math.isfinite(v) and v.is_integer()
+    if isinstance(v, bool) or not integral or int(v) < minimum:
+        raise ConfigError(f"config.json: {_which(config, keys)} must be an integer ≥ {minimum}, not {v!r}")
+    return int(v)
+
+
+def _num(config: dict[str, Any], *keys: str, default: float, low: float = 0.0, high: float = float("inf"),
+         low_open: bool = True) -> float:
+    """A number config field in (low, high] (``low_open``) or [low, high]; a ConfigError names it otherwise."""
+    v = _cfg(config, *keys)
+    if v is None:
+        return default
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v <= high \
+        and (v > low if low_open else v >= low)
+    if not ok:
+        rng = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+        raise ConfigError(f"config.json: {_which(config, keys)} must be a number in {rng}, not {v!r}")
+    return float(v)
 
 
 @dataclass(frozen=True)
@@ -159,26 +193,27 @@ class CanonicalLayer:
 
 def symmetry_of(spec: ArchSpec, config: dict[str, Any]) -> LayerSymmetry:
     """Derive the layer symmetry description from an architecture entry and its config."""
-    try:
-        H = int(_cfg(config, "hidden_size", "n_embd"))
-        nh = int(_cfg(config, "num_attention_heads", "n_head"))
-    except TypeError:
-        raise UnsupportedArchitectureError(
-            f"{spec.name}: config lacks hidden_size / num_attention_heads") from None
-    nkv = int(_cfg(config, "num_key_value_heads", default=nh))
-    dh = int(_cfg(config, "head_dim", default=H // nh))
-    F = int(_cfg(config, "intermediate_size", "n_inner", default=4 * H))
-    if nh % nkv:
+    H = _int(config, "hidden_size", "n_embd")
+    nh = _int(config, "num_attention_heads", "n_head")
+    nkv = _int(config, "num_key_value_heads", default=nh)
+    if config.get("head_dim") is None and H % nh:
+        raise ConfigError(f"config.json: hidden_size={H} is not a multiple of num_attention_heads={nh} "
+                          "(and no head_dim is given)")
+    dh = _int(config, "head_dim", default=H // nh)
+    F = _int(config, "intermediate_size", "n_inner", default=4 * H)
+    if nkv > nh or nh % nkv:
         raise UnsupportedArchitectureError(
             f"{spec.name}: num_attention_heads={nh} is not a multiple of num_key_value_heads={nkv}")
     rope_params = config.get("rope_parameters") or {}
+    if not isinstance(rope_params, dict):
+        raise ConfigError(f"config.json: rope_parameters must be an object, not {rope_params!r}")
     if spec.rope:
-        frac = _cfg(rope_params, "partial_rotary_factor",
-                    default=_cfg(config, "partial_rotary_factor", "rotary_pct", default=1.0))
-        rotary_dims = int(dh * float(frac))
+        where = rope_params if _cfg(rope_params, "partial_rotary_factor") is not None else config
+        frac = _num(where, "partial_rotary_factor", "rotary_pct", default=1.0, high=1.0)
+        rotary_dims = int(dh * frac)
         rotary_dims -= rotary_dims % 2
-        theta = float(_cfg(rope_params, "rope_theta",
-                           default=_cfg(config, "rope_theta", "rotary_emb_base", default=10000.0)))
+        where = rope_params if _cfg(rope_params, "rope_theta") is not None else config
+        theta = _num(where, "rope_theta", "rotary_emb_base", default=10000.0)
     else:
         rotary_dims, theta = 0, 0.0
     act = str(_cfg(config, "hidden_activation", "hidden_act", "activation_function", default="?"))
@@ -192,10 +227,7 @@ def symmetry_of(spec: ArchSpec, config: dict[str, Any]) -> LayerSymmetry:
 
 
 def n_layers_of(config: dict[str, Any]) -> int:
-    n = _cfg(config, "num_hidden_layers", "n_layer")
-    if n is None:
-        raise UnsupportedArchitectureError("config lacks num_hidden_layers")
-    return int(n)
+    return _int(config, "num_hidden_layers", "n_layer")
 
 
 # --------------------------------------------------------------------------- reading
@@ -206,6 +238,11 @@ class LayerReader:
     def __init__(self, ckpt: Checkpoint, dtype: torch.dtype = torch.float32):
         self.ckpt = ckpt
         self.dtype = dtype
+        quant = ckpt.config.get("quantization_config")
+        if quant:
+            how = quant.get("quant_method", "unknown") if isinstance(quant, dict) else "unknown"
+            raise CheckpointError(f"{ckpt.folder}: a quantised checkpoint (quantization_config, quant_method "
+                                  f"{how!r}); drift reads unquantised weights: dequantise it first")
         self.spec = find_arch(ckpt.config)
         self.sym = symmetry_of(self.spec, ckpt.config)
         self.n_layers = n_layers_of(ckpt.config)
@@ -225,6 +262,10 @@ class LayerReader:
 
     def _t(self, name: str) -> Tensor:
         t = self.ckpt.get(name, self.dtype)
+        if not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise CheckpointError(f"{self.ckpt.folder}: tensor {name!r} has {bad} NaN or Inf "
+                                  f"value{'s' if bad > 1 else ''} (of {t.numel()})")
         if t.numel() >= 1 << 22:
             # Let the shard's mapped pages of a large tensor go at once (they count in the
             # process's RSS while mapped): 4B shape, 0.2 GB less at the peak of a read.
@@ -239,6 +280,9 @@ class LayerReader:
         reshape, so that a config that disagrees with the weights is named, not a torch error).
         """
         w = self._t(module + ".weight")
+        if not bool(w.any()):
+            raise CheckpointError(f"{self.ckpt.folder}: tensor {module + '.weight'!r} is all zeros (a pruned or "
+                                  "uninitialised layer?): its distance to anything is undefined")
         if self.spec.linear == "conv1d":
             w = w.T.contiguous()
         b = self._t(module + ".bias") if bias else None

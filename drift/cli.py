@@ -1,7 +1,10 @@
 """``drift`` command line: ``drift analyze --model MODEL ...`` (also ``python -m drift``).
 
 Does what the reference script did (same flags, same JSON keys) with correct alignment,
-a null baseline and rho. Errors print one line ``drift: <message>`` and exit with status 2.
+a null baseline and rho. Bad input of any kind (flags, paths, checkpoints, the output file,
+an OS error) prints one line ``drift: <message>`` and exits with status 2; the output path is
+checked before the work starts. SIGINT, SIGTERM and SIGHUP stop the work cleanly (worker
+processes end, temporary files are removed) and exit with 128 + the signal number.
 """
 
 from __future__ import annotations
@@ -16,10 +19,17 @@ from .errors import DriftError
 from .methods import METHODS
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors as one ``drift:`` line (exit status 2) instead of usage + message."""
+
+    def error(self, message: str):
+        self.exit(2, f"drift: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="drift", description=__doc__.splitlines()[0])
+    p = _Parser(prog="drift", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"drift {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     a = sub.add_parser(
         "analyze", help="per-family drift between layer pairs, after removing gauge symmetries",
         description="Per-family drift between layers of a checkpoint. residual: unit-normalised "
@@ -33,7 +43,10 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--pairs", choices=["consecutive", "all"], default="consecutive")
     a.add_argument("--method", choices=list(METHODS), default="exact",
                    help="; ".join(f"{m.name}: {m.about}" for m in METHODS.values()))
-    a.add_argument("--out", default=None, help="JSON output path (default: drift_<model>_<method>.json)")
+    a.add_argument("--out", default=None,
+                   help="JSON output path (default: drift_<model>_<method>.json here, never over an "
+                        "earlier file: -2, -3, ... are appended). Refused inside the model folder.")
+    a.add_argument("--force", action="store_true", help="replace --out even if it is not a drift result")
     a.add_argument("--device", default="auto", help="auto | cpu | cuda")
     a.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     a.add_argument("--seed", type=int, default=0, help="seed of the null's random rotations")
@@ -79,17 +92,26 @@ def analyze_command(args: argparse.Namespace) -> int:
 
     import torch
 
+    from .output import check_output, free_name
+
     reader = open_layers(args.model, torch.float64 if args.dtype == "float64" else torch.float32)
     n = reader.n_layers
     start = 0 if args.block_start is None else args.block_start
     end = n - 1 if args.block_end is None else args.block_end
+    for flag, v in (("--block-start", start), ("--block-end", end)):
+        if not 0 <= v < n:
+            raise DriftError(f"{flag} {v} is out of range: the model has {n} layers (0..{n - 1})")
     if end < start:
         raise DriftError(f"--block-end {end} is before --block-start {start}")
+    folder = reader.ckpt.folder
+    if args.out:
+        out = check_output(args.out, folder, args.force)
+    else:
+        out = check_output(free_name(Path(f"drift_{Path(args.model).name or 'model'}_{args.method}.json")), folder)
     result = analyze(reader, layers=range(start, end + 1), pairs=args.pairs, method=args.method,
                      seed=args.seed, n_null=args.n_null, dtype=args.dtype, device=args.device,
                      progress=not args.quiet)
     result.meta["model"] = args.model
-    out = Path(args.out) if args.out else Path(f"drift_{Path(args.model).name or 'model'}_{args.method}.json")
     result.to_json(out)
     if not args.quiet:
         print(_format_table(result))
@@ -97,18 +119,43 @@ def analyze_command(args: argparse.Namespace) -> int:
     return 0
 
 
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP: unwinds like Ctrl-C, so that every ``with`` and ``finally`` runs."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _on_signal(signum, frame):
+    raise Terminated(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="drift: %(message)s")
+    previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
     try:
         if args.command == "analyze":
             return analyze_command(args)
     except DriftError as e:
         print(f"drift: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"drift: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("drift: interrupted", file=sys.stderr)
         return 130
+    except Terminated as t:
+        print(f"drift: stopped by {signal.Signals(t.signum).name}", file=sys.stderr)
+        return 128 + t.signum
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
     return 1  # pragma: no cover - argparse enforces a command
 
 

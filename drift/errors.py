@@ -16,6 +16,10 @@ class CheckpointError(DriftError):
     """The checkpoint is unreadable: no weights, a corrupt file, a malformed config."""
 
 
+class ConfigError(CheckpointError):
+    """A config.json field of the wrong type or out of range (the message names the field)."""
+
+
 class MissingTensorError(CheckpointError):
     """A tensor that the architecture requires is not in the checkpoint."""
 

@@ -121,9 +121,9 @@ class AnalysisResult:
         }
 
     def to_json(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.write_text(json.dumps(self.to_json_dict(), indent=2))
-        return path
+        from .output import write_atomic
+
+        return write_atomic(Path(path), json.dumps(self.to_json_dict(), indent=2))
 
     @classmethod
     def from_json_dict(cls, d: dict[str, Any]) -> "AnalysisResult":

@@ -289,6 +289,9 @@ class ExactComparison:
         self.head_perm = self.mlp_perm = self.mlp_sign = None
 
     def prepare(self) -> None:
+        # The assignment is with the executor by now; its blocks read the whole forms (heads
+        # included), so holding it would keep every in-flight comparison's heads alive.
+        self.assignment = None
         self.residuals, self.head_perm = _attention_residuals(self.fa, self.fb)
         # Keep only what the MLP residuals read: a null's rotated heads are freed while it waits.
         self.fa, self.fb = (replace(f, Q=None, K=None, V=None, O=None) for f in (self.fa, self.fb))

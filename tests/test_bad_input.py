@@ -1,0 +1,411 @@
+"""Bad input of every kind, through the CLI as a user meets it: damaged weights, configs of
+the wrong type or range, bad paths and flags, outputs that would lose data, signals.
+
+Each case must end in exactly one ``drift: ...`` line on stderr (exit status 2; signals:
+128 + the signal), no traceback, the model folder and any existing file untouched, and no
+process or temporary file left behind. A few positive cases check that the refusals are
+not too broad (``--force``, a second default output name).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from drift import cli
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str]:
+    rc = None
+    try:
+        rc = cli.main(argv)
+    except SystemExit as e:  # argparse
+        rc = e.code
+    err = capsys.readouterr().err
+    return rc, err
+
+
+def assert_one_line(rc, err: str, *words: str, status: int = 2) -> None:
+    lines = err.strip().splitlines()
+    assert rc == status, f"exit {rc}: {err}"
+    assert "Traceback" not in err, err
+    assert len(lines) == 1 and lines[0].startswith("drift: "), err
+    for w in words:
+        assert w.lower() in lines[0].lower(), f"{w!r} not in {lines[0]!r}"
+
+
+@pytest.fixture
+def model(checkpoint_copy):
+    return checkpoint_copy("llama")
+
+
+def refused(folder: Path, tmp_path: Path, capsys, *words: str, extra: list[str] | None = None) -> None:
+    """``drift analyze`` on ``folder`` ends in one line naming ``words``; nothing written or changed."""
+    before = _digest(folder)
+    out = tmp_path / "out.json"
+    rc, err = run_cli(["analyze", "--model", str(folder), "--out", str(out), "--quiet", *(extra or [])], capsys)
+    assert_one_line(rc, err, *words)
+    assert not out.exists()
+    assert _digest(folder) == before
+
+
+# --------------------------------------------------------------------------- weights
+
+def _edit_weights(folder: Path, edit) -> None:
+    from safetensors.torch import load_file, save_file
+
+    f = folder / "model.safetensors"
+    tensors = load_file(str(f))
+    edit(tensors)
+    save_file(tensors, str(f), metadata={"format": "pt"})
+
+
+def _set(name: str, fn):
+    def edit(t):
+        t[name] = fn(t[name])
+    return edit
+
+
+Q1 = "model.layers.1.self_attn.q_proj.weight"
+D2 = "model.layers.2.mlp.down_proj.weight"
+N0 = "model.layers.0.input_layernorm.weight"
+
+
+def _poke(value):
+    def fn(w):
+        w = w.clone()
+        w.view(-1)[3] = value
+        return w
+    return fn
+
+
+WEIGHT_CASES = {
+    "nan in q_proj": (_set(Q1, _poke(float("nan"))), [Q1, "NaN"]),
+    "inf in down_proj": (_set(D2, _poke(float("inf"))), [D2, "Inf"]),
+    "-inf in a norm gain": (_set(N0, _poke(-float("inf"))), [N0]),
+    "int8 weight": (_set(Q1, lambda w: (w * 100).to(torch.int8)), [Q1, "int8", "quantised"]),
+    "uint8 weight": (_set(Q1, lambda w: (w.abs() * 100).to(torch.uint8)), [Q1, "uint8"]),
+    "bool weight": (_set(Q1, lambda w: w > 0), [Q1, "bool"]),
+    "complex weight": (_set(Q1, lambda w: w.to(torch.complex64)), [Q1, "complex64"]),
+    "float8 weight": (_set(Q1, lambda w: w.to(torch.float8_e4m3fn)), [Q1, "float8_e4m3fn", "quantised"]),
+    "int32 norm gain": (_set(N0, lambda w: w.to(torch.int32)), [N0, "int32"]),
+    "all-zero q_proj": (_set(Q1, torch.zeros_like), [Q1, "all zeros"]),
+    "all-zero down_proj": (_set(D2, torch.zeros_like), [D2, "all zeros"]),
+}
+
+
+@pytest.mark.parametrize("case", list(WEIGHT_CASES))
+def test_damaged_weights_are_refused_by_tensor_name(case, model, tmp_path, capsys):
+    edit, words = WEIGHT_CASES[case]
+    _edit_weights(model, edit)
+    refused(model, tmp_path, capsys, *words)
+
+
+def test_fp8_block_quantised_checkpoint_is_refused_not_misread(model, tmp_path, capsys):
+    """Weights in float8 with their scales beside them, as FP8 checkpoints ship: refused by
+    name (reading them unscaled gave ρ 0.56-0.93 on a model whose dequantised twin gives 0.03)."""
+    def edit(t):
+        for name in [n for n in t if n.endswith("proj.weight")]:
+            t[name + "_scale_inv"] = torch.ones(1)
+            t[name] = t[name].to(torch.float8_e4m3fn)
+    _edit_weights(model, edit)
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    (model / "config.json").write_text(json.dumps(cfg))
+    refused(model, tmp_path, capsys, "quantised", "fp8")
+
+
+# --------------------------------------------------------------------------- configs
+
+def _config(folder: Path, edit) -> None:
+    f = folder / "config.json"
+    cfg = json.loads(f.read_text())
+    edit(cfg)
+    f.write_text(json.dumps(cfg))
+
+
+def _put(key, value):
+    return lambda c: c.__setitem__(key, value)
+
+
+def _rope(key, value):
+    return lambda c: c.setdefault("rope_parameters", {}).__setitem__(key, value)
+
+
+CONFIG_CASES = {
+    "kv heads 0": (_put("num_key_value_heads", 0), ["num_key_value_heads"]),
+    "kv heads string": (_put("num_key_value_heads", "2"), ["num_key_value_heads", "'2'"]),
+    "kv heads do not divide": (_put("num_key_value_heads", 3), ["num_key_value_heads=3"]),
+    "more kv heads than heads": (_put("num_key_value_heads", 8), ["num_key_value_heads=8"]),
+    "negative heads": (_put("num_attention_heads", -4), ["num_attention_heads"]),
+    "fractional hidden size": (_put("hidden_size", 64.5), ["hidden_size"]),
+    "negative layer count": (_put("num_hidden_layers", -1), ["num_hidden_layers"]),
+    "string layer count": (_put("num_hidden_layers", "3"), ["num_hidden_layers"]),
+    "boolean layer count": (_put("num_hidden_layers", True), ["num_hidden_layers"]),
+    "architectures a string": (_put("architectures", "LlamaForCausalLM"), ["architectures", "LlamaForCausalLM"]),
+    "architectures not names": (_put("architectures", [1]), ["architectures"]),
+    "model_type a number": (lambda c: (c.pop("architectures", None), c.__setitem__("model_type", 5)), ["model_type"]),
+    "unknown architecture": (lambda c: c.update(architectures=["FooForCausalLM"], model_type="foo"),
+                             ["FooForCausalLM", "unsupported"]),
+    "rope_theta a string": (_rope("rope_theta", "10000"), ["rope_theta"]),
+    "rope_theta negative": (_rope("rope_theta", -1.0), ["rope_theta"]),
+    "rope_theta NaN": (_rope("rope_theta", math.nan), ["rope_theta"]),
+    "partial_rotary_factor 2": (_put("partial_rotary_factor", 2.0), ["partial_rotary_factor"]),
+    "partial_rotary_factor a word": (_put("partial_rotary_factor", "half"), ["partial_rotary_factor"]),
+    "rope_parameters not an object": (_put("rope_parameters", "x"), ["rope_parameters"]),
+    "intermediate_size 0": (_put("intermediate_size", 0), ["intermediate_size"]),
+    "head_dim 0": (_put("head_dim", 0), ["head_dim"]),
+    "head_dim disagrees with weights": (_put("head_dim", 8), ["shape"]),
+    "missing hidden_size": (lambda c: c.pop("hidden_size"), ["hidden_size"]),
+}
+
+
+@pytest.mark.parametrize("case", list(CONFIG_CASES))
+def test_bad_config_fields_are_named(case, model, tmp_path, capsys):
+    edit, words = CONFIG_CASES[case]
+    _config(model, edit)
+    refused(model, tmp_path, capsys, *words)
+
+
+@pytest.mark.parametrize("text, words", [("{not json", ["malformed JSON"]), ("[1, 2]", ["JSON object"]),
+                                         (None, ["no config.json"])])
+def test_unreadable_config_files(text, words, model, tmp_path, capsys):
+    f = model / "config.json"
+    if text is None:
+        f.unlink()
+    else:
+        f.write_text(text)
+    refused(model, tmp_path, capsys, *words)
+
+
+def test_malformed_shard_index(checkpoint_copy, tmp_path, capsys):
+    folder = checkpoint_copy("llama", sharded=True)
+    (folder / "model.safetensors.index.json").write_text('{"weight_map": 3')
+    refused(folder, tmp_path, capsys, "shard index")
+
+
+def test_shard_index_naming_a_missing_shard(checkpoint_copy, tmp_path, capsys):
+    folder = checkpoint_copy("llama", sharded=True)
+    shard = sorted(folder.glob("model-*.safetensors"))[-1]
+    shard.unlink()
+    refused(folder, tmp_path, capsys, "missing", shard.name)
+
+
+def test_a_permission_error_is_not_reported_as_a_corrupt_file(model, tmp_path, capsys, monkeypatch):
+    import builtins
+
+    real_open = builtins.open
+
+    def guarded(f, *a, **k):
+        if str(f).endswith(".safetensors"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(f))
+        return real_open(f, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", guarded)
+    refused(model, tmp_path, capsys, "permission denied")
+
+
+# --------------------------------------------------------------------------- paths and flags
+
+FLAG_CASES = {
+    "no such model": (["--model", "/nonexistent/model"], ["no such directory"]),
+    "model is a file": (["--model", "FILE"], ["not a directory"]),
+    "empty model folder": (["--model", "EMPTY"], ["config.json"]),
+    "over-long path": (["--model", "/" + "a" * 5000], ["a" * 20]),
+    "block start past the end": (["--block-start", "99"], ["--block-start 99", "out of range"]),
+    "block end before start": (["--block-start", "2", "--block-end", "1"], ["--block-end 1"]),
+    "negative block start": (["--block-start", "-1"], ["--block-start -1"]),
+    "block end past the end": (["--block-end", "3"], ["--block-end 3", "3 layers"]),
+    "negative n-null": (["--n-null", "-1"], ["n_null"]),
+    "seed beyond 64 bits": (["--seed", str(2 ** 70)], ["seed"]),
+    "negative seed": (["--seed", "-3"], ["seed"]),
+    "device mps": (["--device", "mps"], ["device", "mps"]),
+    "device meta": (["--device", "meta"], ["device", "meta"]),
+    "device nonsense": (["--device", "gpu0"], ["device", "gpu0"]),
+    "cuda without one": (["--device", "cuda"], ["cuda"]),
+    "dtype float16": (["--dtype", "float16"], ["--dtype", "float16"]),
+    "unknown pairs": (["--pairs", "diag"], ["--pairs", "diag"]),
+    "unknown method": (["--method", "foo"], ["--method", "foo"]),
+    "n-null not a number": (["--n-null", "abc"], ["--n-null", "abc"]),
+    "unknown flag": (["--bogus"], ["--bogus"]),
+}
+
+
+@pytest.mark.parametrize("case", list(FLAG_CASES))
+def test_bad_paths_and_flags(case, model, tmp_path, capsys, monkeypatch):
+    if case == "cuda without one":
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    argv, words = FLAG_CASES[case]
+    (tmp_path / "FILE").write_text("x")
+    (tmp_path / "EMPTY").mkdir()
+    argv = [str(tmp_path / a) if a in ("FILE", "EMPTY") else a for a in argv]
+    if "--model" not in argv:
+        argv = ["--model", str(model), *argv]
+    out = tmp_path / "out.json"
+    rc, err = run_cli(["analyze", *argv, "--out", str(out), "--quiet"], capsys)
+    assert_one_line(rc, err, *words)
+    assert not out.exists()
+
+
+def test_no_command(capsys):
+    rc, err = run_cli([], capsys)
+    assert_one_line(rc, err, "command")
+
+
+# --------------------------------------------------------------------------- outputs
+
+@pytest.mark.parametrize("name", ["model.safetensors", "config.json", "new.json", "sub/x.json"])
+def test_output_inside_the_model_folder_is_refused(name, model, tmp_path, capsys):
+    (model / "sub").mkdir(exist_ok=True)
+    refused(model, tmp_path, capsys, "inside the model folder", extra=["--out", str(model / name)])
+
+
+def test_output_folder_missing_or_a_folder(model, tmp_path, capsys):
+    for out, words in ((tmp_path / "no" / "such" / "x.json", ["does not exist"]), (tmp_path, ["is a folder"])):
+        rc, err = run_cli(["analyze", "--model", str(model), "--out", str(out), "--quiet"], capsys)
+        assert_one_line(rc, err, *words)
+
+
+def test_output_over_a_file_that_is_not_a_drift_result(model, tmp_path, capsys):
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"my": "notes"}')
+    rc, err = run_cli(["analyze", "--model", str(model), "--out", str(notes), "--quiet"], capsys)
+    assert_one_line(rc, err, "not a drift result", "--force")
+    assert notes.read_text() == '{"my": "notes"}'
+    rc, err = run_cli(["analyze", "--model", str(model), "--out", str(notes), "--quiet", "--force"], capsys)
+    assert rc == 0 and "drift_version" in notes.read_text()  # forced: replaced
+    rc, err = run_cli(["analyze", "--model", str(model), "--out", str(notes), "--quiet"], capsys)
+    assert rc == 0  # a drift result may be replaced by the path's owner asking for it
+
+
+def test_default_output_never_replaces_an_earlier_one(model, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):
+        assert run_cli(["analyze", "--model", str(model), "--quiet"], capsys)[0] == 0
+    first, second = tmp_path / f"drift_{model.name}_exact.json", tmp_path / f"drift_{model.name}_exact-2.json"
+    assert first.exists() and second.exists()
+
+
+def test_model_dot_does_not_write_into_the_checkpoint(model, capsys, monkeypatch):
+    monkeypatch.chdir(model)
+    before = _digest(model)
+    rc, err = run_cli(["analyze", "--model", ".", "--quiet"], capsys)
+    assert_one_line(rc, err, "inside the model folder")
+    assert _digest(model) == before
+
+
+def test_unwritable_output_folder_is_refused_before_the_work(model, tmp_path, capsys, monkeypatch):
+    from drift import analysis, output
+
+    monkeypatch.setattr(output.os, "access", lambda p, mode: False)
+    monkeypatch.setattr(analysis, "analyze", lambda *a, **k: pytest.fail("computed before checking --out"))
+    rc, err = run_cli(["analyze", "--model", str(model), "--out", str(tmp_path / "x.json"), "--quiet"], capsys)
+    assert_one_line(rc, err, "not writable")
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_partial_file(model, tmp_path, capsys, monkeypatch):
+    from drift import output
+
+    def full(*a):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(output.os, "replace", full)
+    rc, err = run_cli(["analyze", "--model", str(model), "--out", str(tmp_path / "x.json"), "--quiet"], capsys)
+    assert_one_line(rc, err, "no space left")
+    assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- signals
+
+def _children(pid: int) -> list:
+    import psutil
+
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+@pytest.fixture
+def slow_run(tmp_path):
+    """``drift analyze`` on MiniLM, all pairs, exact (assignment workers), in its own temp folder."""
+    procs = []
+
+    def start():
+        tmp = tmp_path / "tmp"
+        tmp.mkdir(exist_ok=True)
+        env = {**os.environ, "TMPDIR": str(tmp), "DRIFT_CACHE_DIR": str(tmp_path / "cache")}
+        p = subprocess.Popen([sys.executable, "-m", "drift", "analyze", "--model", "minilm", "--pairs", "all",
+                              "--n-null", "3", "--out", str(tmp_path / "out.json"), "--quiet"],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
+        procs.append(p)
+        t_end = time.monotonic() + 60
+        while len(_children(p.pid)) < 2:  # the workers are up: the assignments have started
+            assert p.poll() is None and time.monotonic() < t_end, p.communicate()
+            time.sleep(0.1)
+        time.sleep(1.0)  # some cost files written and queued
+        return p, _children(p.pid), tmp
+
+    yield start
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
+def test_a_signal_stops_cleanly(sig, slow_run, tmp_path):
+    p, workers, tmp = slow_run()
+    p.send_signal(sig)
+    _, err = p.communicate(timeout=60)
+    assert_one_line(p.returncode, err, status=130 if sig == signal.SIGINT else 128 + sig)
+    deadline = time.monotonic() + 10
+    while any(w.is_running() and w.status() != "zombie" for w in workers):
+        assert time.monotonic() < deadline, "assignment workers outlived the run"
+        time.sleep(0.1)
+    assert not list(tmp.glob("drift-lap-*")), "temporary cost files left behind"
+    assert not (tmp_path / "out.json").exists()
+
+
+def test_workers_exit_when_drift_is_killed_and_its_files_are_cleaned_next_time(slow_run, tmp_path):
+    p, workers, tmp = slow_run()
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    deadline = time.monotonic() + 10
+    while any(w.is_running() and w.status() != "zombie" for w in workers):
+        assert time.monotonic() < deadline, "workers outlived a killed parent"
+        time.sleep(0.1)
+    stale = tmp / f"drift-lap-{p.pid}-left.f64"  # what a kill between write and pickup leaves
+    stale.write_bytes(b"\0" * 64)
+    from drift import assign
+
+    monkey = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(tmp)
+    try:
+        import tempfile
+
+        tempfile.tempdir = None
+        gone = assign.remove_stale_costs()
+    finally:
+        if monkey is None:
+            os.environ.pop("TMPDIR")
+        else:
+            os.environ["TMPDIR"] = monkey
+        tempfile.tempdir = None
+    assert str(stale) in gone and not list(tmp.glob("drift-lap-*"))
