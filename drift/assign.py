@@ -168,7 +168,7 @@ def remove_stale_costs() -> list[str]:
 
 def wait(fut, poll_s: float = 0.2):
     """``fut.result()``, waiting in slices so that an exception raised asynchronously in this
-    thread (the explorer's interrupt, see :func:`drift.widgets._interruptible`) lands within
+    thread (the explorer's interrupt, see :func:`drift.interrupt.interruptible`) lands within
     ``poll_s`` instead of after the assignment."""
     while True:
         try:

@@ -112,7 +112,7 @@ def _why(e: BaseException) -> str:
     return getattr(e, "strerror", None) or str(e) or type(e).__name__
 
 
-VIEW_MODULES = frozenset({"plots.py", "widgets.py", "cache.py"})
+VIEW_MODULES = frozenset({"plots.py", "widgets.py", "cache.py", "interrupt.py"})
 """Source files that cannot change a result (left out of the code digest)."""
 
 
