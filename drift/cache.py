@@ -112,8 +112,9 @@ def _why(e: BaseException) -> str:
     return getattr(e, "strerror", None) or str(e) or type(e).__name__
 
 
-VIEW_MODULES = frozenset({"plots.py", "widgets.py", "cache.py", "interrupt.py"})
-"""Source files that cannot change a result (left out of the code digest)."""
+VIEW_MODULES = frozenset({"widgets.py", "cache.py", "interrupt.py"})
+VIEW_PACKAGES = frozenset({"plots"})
+"""Source files and subpackages of drift that cannot change a result (left out of the code digest)."""
 
 
 @functools.lru_cache(maxsize=1)
@@ -123,8 +124,9 @@ def code_digest() -> str:
     h = hashlib.sha256()
     root = Path(__file__).parent
     for f in sorted(root.rglob("*.py")):
-        if f.name not in VIEW_MODULES or f.parent != root:
-            h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+        if f.parent == root and f.name in VIEW_MODULES or f.parent.name in VIEW_PACKAGES:
+            continue
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
     return h.hexdigest()[:16]
 
 

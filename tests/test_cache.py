@@ -102,7 +102,8 @@ def test_edited_numerical_code_misses(cache, fake, ckpt, monkeypatch):
 def test_code_digest_ignores_the_view_modules():
     names = {p.name for p in Path(dcache.__file__).parent.glob("*.py")}
     assert {"analysis.py", "result.py"} <= names - dcache.VIEW_MODULES
-    assert "plots.py" in dcache.VIEW_MODULES and len(dcache.code_digest()) == 16
+    assert "widgets.py" in dcache.VIEW_MODULES and "plots" in dcache.VIEW_PACKAGES
+    assert len(dcache.code_digest()) == 16
 
 
 def test_code_digest_reads_the_methods_subpackage(tmp_path, monkeypatch):
@@ -114,13 +115,13 @@ def test_code_digest_reads_the_methods_subpackage(tmp_path, monkeypatch):
     shutil.copytree(root, copy, ignore=shutil.ignore_patterns("__pycache__"))
     monkeypatch.setattr(dcache, "__file__", str(copy / "cache.py"))
     digests = []
-    for edit in (None, copy / "methods" / "exact.py", copy / "plots.py"):
+    for edit in (None, copy / "methods" / "exact.py", copy / "plots" / "ranking.py", copy / "widgets.py"):
         if edit is not None:
             edit.write_text(edit.read_text() + "\n# edited\n")
         dcache.code_digest.cache_clear()
         digests.append(dcache.code_digest())
     dcache.code_digest.cache_clear()
-    assert digests[0] != digests[1] and digests[1] == digests[2]
+    assert digests[0] != digests[1] and digests[1] == digests[2] == digests[3]
 
 
 def test_changed_checkpoint_misses(tmp_path, cache, fake, ckpt):

@@ -1,0 +1,33 @@
+"""Figures of an :class:`~drift.result.AnalysisResult`.
+
+Results are data, plots are views: every function here takes a finished result (or a dict
+of results), draws on ``ax`` (a new figure when ``ax`` is None) and returns what it drew on.
+Nothing is recomputed. Every title names the alignment method, because a residual only
+means something next to the method's own null (gauge-spec §5)::
+
+    ρ = residual / null     ~0: identical up to the removed gauge
+                            ~1: as different as an unrelated partner
+
+``heatmap``          layer x layer matrix of one family                      (.heatmaps)
+``heatmap_grid``     small multiples of ``heatmap``, one shared colour scale (.heatmaps)
+``drift_along``      consecutive pairs along the depth: ρ (with the ρ = 1 null line), or
+                     residual and null side by side (``value="residual"``)   (.depth)
+``ranking``          mean ρ per family with min/max whiskers, least to most variation
+``compare_methods``  one bar per method and family; with ``value="residual"`` each bar
+                     carries its own null, so an over-fitting method shows a low null (.ranking)
+``save``, ``export_csv``                                                     (.output)
+
+matplotlib is imported inside the functions, so ``import drift.plots`` stays cheap and
+``import drift`` never imports it.
+"""
+
+from __future__ import annotations
+
+from ._common import KIND_COLORS, METHOD_COLORS, METHOD_NAMES, SAVE_FORMATS, VALUE_LABELS, VALUE_SHORT
+from .depth import drift_along
+from .heatmaps import heatmap, heatmap_grid
+from .output import export_csv, save
+from .ranking import compare_methods, ranking
+
+__all__ = ["KIND_COLORS", "METHOD_COLORS", "METHOD_NAMES", "SAVE_FORMATS", "VALUE_LABELS", "VALUE_SHORT",
+           "compare_methods", "drift_along", "export_csv", "heatmap", "heatmap_grid", "ranking", "save"]

@@ -1,0 +1,99 @@
+"""Consecutive pairs along the depth."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+
+from ..result import AnalysisResult
+from ._common import VALUE_LABELS, _check_value, _consecutive, _families, _new_axes, _pair_label, _title
+
+if TYPE_CHECKING:  # pragma: no cover
+    from matplotlib.axes import Axes
+
+
+def drift_along(result: AnalysisResult, families: Sequence[str] | None = None,
+                ax: "Axes | None" = None, value: str = "rho") -> "Axes":
+    """Consecutive-pair drift along the depth, one line per family.
+
+    ``value="rho"``: ρ of each pair (L, L+1), with the null at ρ = 1 drawn as a line and the
+    region above it shaded ("as different as an unrelated partner").
+
+    ``value="residual"``: the residual (solid) and the null (dashed, same colour) of each
+    family, with the gap between them shaded: the raw numbers that ρ is the ratio of.
+
+    Returns:
+        The Axes.
+    """
+    if value not in ("rho", "residual"):
+        raise ValueError(f"drift_along shows value 'rho' or 'residual', got {value!r}")
+    _check_value(value, result)
+    has_null = bool(result.df["null"].notna().any())
+    fams = _families(result, families)
+    d = _consecutive(result)
+    pairs = sorted({(int(a), int(b)) for a, b in d[["layer_a", "layer_b"]].itertuples(index=False)})
+    xpos = {p: k for k, p in enumerate(pairs)}
+    ax = _new_axes(ax, (7.5, 4.0))
+    colors = _family_colors(result.families)  # a family keeps its colour whatever is selected
+    sel = d[d["family"].isin(fams)]
+    # The nulls of all families at one pair: one grey band when they agree (to 0.1), else one
+    # dashed line per family (e.g. under ``rotation`` the MLP null is far below the attention null).
+    nb = sel.groupby(["layer_a", "layer_b"])["null"].agg(["min", "max"]).sort_index()
+    one_band = value == "residual" and has_null and float((nb["max"] - nb["min"]).max()) < 0.1
+    drawn = 0
+    for fam in fams:
+        f = d[d["family"] == fam].sort_values("layer_a")
+        if f.empty:
+            continue
+        x = [xpos[(int(a), int(b))] for a, b in f[["layer_a", "layer_b"]].itertuples(index=False)]
+        c = colors[fam]
+        if value == "rho":
+            ax.plot(x, f["rho"], marker="o", ms=3.5, lw=1.6, color=c, label=fam)
+        else:
+            ax.plot(x, f["residual"], marker="o", ms=3.5, lw=1.6, color=c, label=fam)
+            if has_null and not one_band:
+                ax.plot(x, f["null"], ls="--", lw=1.0, color=c, alpha=0.8)
+        drawn += 1
+    if drawn == 0:
+        raise ValueError(f"none of the families {fams} has consecutive pairs")
+    if value == "rho":
+        top = max(1.15, float(np.nanmax(sel["rho"])) * 1.05)
+        ax.axhspan(1.0, top, color="#d9d9d9", alpha=0.5, lw=0, zorder=0,
+                   label="as different as unrelated")
+        ax.axhline(1.0, color="black", ls="--", lw=1.0, zorder=1, label="null: unrelated partner (ρ = 1)")
+        ax.set_ylim(0, top)
+        ax.set_ylabel(VALUE_LABELS["rho"], fontsize=9)
+        what = "ρ along the depth"
+    else:
+        if one_band:
+            xb = [xpos[(int(a), int(b))] for a, b in nb.index]
+            ax.fill_between(xb, nb["min"], nb["max"], color="#bbbbbb", alpha=0.6, lw=0, zorder=0,
+                            label="null (unrelated partner),\nrange over families")
+        elif has_null:
+            ax.plot([], [], color="black", ls="--", lw=1.0, label="null of each family (dashed)")
+        ax.set_ylim(bottom=0)
+        if has_null:
+            ax.set_ylabel("residual / null\n(unit-normalised Frobenius)", fontsize=9)
+            what = "residual vs null along the depth"
+        else:
+            ax.set_ylabel("residual\n(unit-normalised Frobenius)", fontsize=9)
+            what = "residual along the depth (no null computed)"
+    ax.set_xticks(range(len(pairs)), [_pair_label(*p) for p in pairs])
+    if len(pairs) > 16:
+        for k, lab in enumerate(ax.get_xticklabels()):
+            lab.set_visible(k % math.ceil(len(pairs) / 16) == 0)
+    ax.set_xlabel("layer pair")
+    ax.set_title(_title(what, result, pairs="consecutive pairs"), fontsize=10)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    ax.grid(axis="y", alpha=0.3)
+    return ax
+
+
+def _family_colors(fams: Sequence[str]) -> dict[str, Any]:
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab10" if len(fams) <= 10 else "tab20"]
+    return {f: cmap(k % cmap.N) for k, f in enumerate(fams)}
+

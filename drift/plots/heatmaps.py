@@ -1,0 +1,152 @@
+"""Layer × layer heatmaps of one family, and small multiples of them."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+import pandas as pd
+
+from ..result import AnalysisResult
+from ._common import VALUE_LABELS, VALUE_SHORT, _check_value, _color_limits, _families, _invariant, _new_axes, _null_top, _title
+
+if TYPE_CHECKING:  # pragma: no cover
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+
+def _draw_heatmap(ax: "Axes", m: pd.DataFrame, vmin: float, vmax: float, cmap: str,
+                  annot: bool, block: tuple[int, int] | None):
+    """Draw matrix ``m`` (layers x layers) on ``ax``; return the image (for a colour bar)."""
+    import matplotlib
+    import matplotlib.colors as mcolors
+    from matplotlib.patches import Rectangle
+
+    layers = list(m.index)
+    n = len(layers)
+    data = m.to_numpy(dtype=float).copy()
+    np.fill_diagonal(data, np.nan)  # a layer against itself is 0 by definition, not a measurement
+    cm = matplotlib.colormaps[cmap].with_extremes(bad="#eeeeee")
+    im = ax.imshow(np.ma.masked_invalid(data), cmap=cm, vmin=vmin, vmax=vmax,
+                   interpolation="nearest", aspect="equal")
+    ax.set_xticks(range(n), [str(L) for L in layers])
+    ax.set_yticks(range(n), [str(L) for L in layers])
+    step = max(1, math.ceil(n / 12))  # at most ~12 tick labels per axis
+    for i, lab in enumerate(ax.get_xticklabels()):
+        lab.set_visible(i % step == 0)
+    for i, lab in enumerate(ax.get_yticklabels()):
+        lab.set_visible(i % step == 0)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("layer")
+    if annot:
+        norm = mcolors.Normalize(vmin, vmax)
+        for i in range(n):
+            for j in range(n):
+                v = data[i, j]
+                if np.isfinite(v):
+                    r, g, b, _ = cm(norm(v))
+                    dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5
+                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
+                            color="white" if dark else "black")
+    if block is not None:
+        lo, hi = block
+        inside = [k for k, L in enumerate(layers) if lo <= L <= hi]
+        if not inside:
+            raise ValueError(f"block {block} contains none of the result's layers {layers}")
+        k0, k1 = inside[0], inside[-1]
+        ax.add_patch(Rectangle((k0 - 0.5, k0 - 0.5), k1 - k0 + 1, k1 - k0 + 1, fill=False,
+                               edgecolor="crimson", linewidth=2.0, label=f"block {lo}–{hi}"))
+    return im
+
+
+def heatmap(result: AnalysisResult, family: str, value: str = "rho", ax: "Axes | None" = None,
+            block: tuple[int, int] | None = None, cmap: str = "viridis",
+            annot: bool | None = None, colorbar: bool = True) -> "Axes":
+    """Layer x layer matrix of ``value`` for one ``family``.
+
+    Cells that were not computed (e.g. non-neighbours under ``pairs="consecutive"``) and the
+    diagonal (a layer against itself) are grey. The colour bar is labelled with what it
+    shows and starts at 0; its top is "as different as unrelated" (ρ = 1, or for residuals
+    the family's largest null), so that colour means the same verdict in every heatmap.
+
+    Args:
+        result: the analysis.
+        family: one of ``result.families``.
+        value: ``"rho"`` | ``"residual"`` | ``"null"``.
+        ax: where to draw; a new figure when None.
+        block: ``(first, last)`` layer (inclusive) to outline.
+        annot: write each value in its cell; default when at most 12 layers.
+        colorbar: add a labelled colour bar.
+
+    Returns:
+        The Axes.
+
+    Raises:
+        ValueError: unknown ``value`` or ``family``, or a ``block`` outside the result's layers.
+    """
+    _check_value(value, result)
+    _families(result, [family])
+    m = result.matrix(family, value)
+    vmin, vmax = _color_limits(value, m.to_numpy(dtype=float), _null_top(result, [family]))
+    ax = _new_axes(ax, (4.6, 3.8))
+    im = _draw_heatmap(ax, m, vmin, vmax, cmap, len(m) <= 12 if annot is None else annot, block)
+    star = "" if _invariant(result, family) else " *"
+    ax.set_title(_title(f"{family}{star}: {VALUE_SHORT[value]} between layers", result), fontsize=10)
+    if star:
+        ax.text(0.0, -0.22, "* not gauge-invariant: compare with care", transform=ax.transAxes,
+                fontsize=7, va="top")
+    if colorbar:
+        cb = ax.figure.colorbar(im, ax=ax, shrink=0.9)
+        cb.set_label(VALUE_LABELS[value], fontsize=8)
+    return ax
+
+
+def heatmap_grid(result: AnalysisResult, families: Sequence[str] | None = None, value: str = "rho",
+                 block: tuple[int, int] | None = None, ncols: int = 4, cmap: str = "viridis",
+                 annot: bool | None = None, fig: "Figure | None" = None) -> np.ndarray:
+    """Small multiples of :func:`heatmap`, one per family, on one shared colour scale.
+
+    Args:
+        fig: draw into this (empty) Figure instead of a new pyplot figure (widgets use this
+            to keep figures out of pyplot's global state).
+
+    Returns:
+        2-D array of Axes (``nrows x ncols``); unused cells are switched off. The Figure is
+        ``axes.flat[0].figure``.
+    """
+    _check_value(value, result)
+    fams = _families(result, families)
+    mats = {f: result.matrix(f, value) for f in fams}
+    allvals = np.concatenate([m.to_numpy(dtype=float).ravel() for m in mats.values()])
+    vmin, vmax = _color_limits(value, allvals, _null_top(result, fams))
+    ncols = max(1, min(ncols, len(fams)))
+    nrows = math.ceil(len(fams) / ncols)
+    n = len(next(iter(mats.values())))
+    size = 2.4 + 0.12 * n
+    figsize = (size * ncols + 1.2, size * nrows + 0.9)
+    if fig is None:
+        import matplotlib.pyplot as plt
+
+        fig = plt.figure(figsize=figsize, layout="constrained")
+    else:
+        fig.set_size_inches(*figsize)
+        fig.set_layout_engine("constrained")
+    axes = np.atleast_2d(fig.subplots(nrows, ncols, squeeze=False))
+    annot = (n <= 8) if annot is None else annot
+    im = None
+    for ax, fam in zip(axes.flat, fams):
+        im = _draw_heatmap(ax, mats[fam], vmin, vmax, cmap, annot, block)
+        ax.set_title(fam + ("" if _invariant(result, fam) else " *"), fontsize=10)
+        ax.set_xlabel("")
+        ax.set_ylabel("")
+    for ax in list(axes.flat)[len(fams):]:
+        ax.set_axis_off()
+    cb = fig.colorbar(im, ax=axes, shrink=min(0.8, 0.35 + 0.15 * nrows))
+    cb.set_label(VALUE_LABELS[value], fontsize=9)
+    note = "" if all(_invariant(result, f) for f in fams) else "   (* not gauge-invariant)"
+    fig.suptitle(_title(f"{VALUE_SHORT[value]} between layers, by family{note}", result), fontsize=11)
+    fig.supxlabel("layer", fontsize=9)
+    fig.supylabel("layer", fontsize=9)
+    return axes
+
