@@ -111,6 +111,13 @@ def balance_gl(A: Tensor, B: Tensor, eps: float = 1e-14) -> tuple[Tensor, Tensor
     full matrices. Assumes A and B have full row rank d (true for trained and random weights).
     """
     dt = A.dtype
+    left, right = gl_balancer(A, B, eps)
+    return (left.to(dt) @ A), (right.to(dt) @ B)
+
+
+def gl_balancer(A: Tensor, B: Tensor, eps: float = 1e-14) -> tuple[Tensor, Tensor]:
+    """The float64 (d, d) maps of :func:`balance_gl`: ``A_bal = left A``, ``B_bal = right B``,
+    with ``right = left⁻ᵀ`` (so ``left`` is the GL gauge element that balances the pair)."""
     A64, B64 = A.double(), B.double()
     Ga, Gb = A64 @ A64.transpose(-1, -2), B64 @ B64.transpose(-1, -2)  # (d, d)
     Ra, Ra_inv = _inv_sqrt_psd(Ga, eps)
@@ -119,7 +126,7 @@ def balance_gl(A: Tensor, B: Tensor, eps: float = 1e-14) -> tuple[Tensor, Tensor
     root = s.sqrt()[..., :, None]
     left = root * (u.transpose(-1, -2) @ Ra_inv)  # (d, d): A_bal = s^{1/2} uᵀ Ga^{-1/2} A
     right = root * (vh @ Rb_inv)  # B_bal = s^{1/2} vᵀ Gb^{-1/2} B
-    return (left.to(dt) @ A), (right.to(dt) @ B)
+    return left, right
 
 
 

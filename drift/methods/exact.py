@@ -130,7 +130,8 @@ def _permuted(f: Form, perm: Tensor) -> Form:
     return replace(f, Q=f.Q[perm], K=f.K[gperm], V=f.V[gperm], O=f.O[perm])
 
 
-def _fit_qk(Qa: Tensor, Ka: Tensor, fa: Form, fb: Form) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+def _fit_qk(Qa: Tensor, Ka: Tensor, fa: Form, fb: Form,
+            record: dict | None = None) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """Fit the compact QK gauge left after balancing; returns aligned (Qa, Ka) and gains.
     ``Qa`` and ``Ka`` are the caller's own copies: the RoPE phases are applied in place."""
     s = fa.sym
@@ -163,6 +164,8 @@ def _fit_qk(Qa: Tensor, Ka: Tensor, fa: Form, fb: Form) -> tuple[Tensor, Tensor,
                 gains[name] = g
         else:
             phase = c.conj() / c.abs().clamp_min(EPS)  # e^{iα} = conj(c)/|c|
+        if record is not None:
+            record["qk_phase"] = phase.clone()  # (nkv, m): z ← z·phase on Q and K
         Qa = _rotate_pairs_(Qa, phase.repeat_interleave(r, 0), s)
         Ka = _rotate_pairs_(Ka, phase, s)
     if rd < s.d_head:  # O(d_p) on the balanced non-rotary dims, jointly over the group's Q and K
@@ -245,7 +248,7 @@ def _fro_by_heads(diff, n: int, step: int = 4) -> float:
     return total ** 0.5
 
 
-def _attention_residuals(fa: Form, fb: Form) -> tuple[dict[str, float], np.ndarray]:
+def _attention_residuals(fa: Form, fb: Form, record: dict | None = None) -> tuple[dict[str, float], np.ndarray]:
     """Heads matched on invariant circuit costs, then the compact QK and VO gauge fitted:
     the circuit, q/k/v/o and gain residuals, and the head permutation (perm[h_b] = h_a).
     Aligned copies are made a few heads at a time or dropped as soon as they are used."""
@@ -256,7 +259,7 @@ def _attention_residuals(fa: Form, fb: Form) -> tuple[dict[str, float], np.ndarr
     out = _circuit_residuals(fa, fb)
     release_memory()
 
-    Qa, Ka, gains = _fit_qk(fa.Q, fa.K, fa, fb)
+    Qa, Ka, gains = _fit_qk(fa.Q, fa.K, fa, fb, record)
     out["q_proj"] = _fro_by_heads(lambda h: Qa[h] - fb.Q[h], nh)
     out["k_proj"] = _fro_by_heads(lambda h: Ka[h] - fb.K[h], nkv)
     del Qa, Ka
@@ -266,6 +269,8 @@ def _attention_residuals(fa: Form, fb: Form) -> tuple[dict[str, float], np.ndarr
     M = fb.V @ fa.V.transpose(-1, -2) + torch.einsum(
         "gxki,gxkj->gij", fb.O.reshape(nkv, r, H, dh), fa.O.reshape(nkv, r, H, dh))
     R = polar(M)  # (nkv, dh, dh)
+    if record is not None:
+        record["vo_rotation"] = R.clone()  # V ← R V, O ← O Rᵀ per group
     out["v_proj"] = float(fro(R @ fa.V - fb.V))
     Rh = R.repeat_interleave(r, 0).transpose(-1, -2)  # (nh, dh, dh): O_h ← O_h Rᵀ
     out["o_proj"] = _fro_by_heads(lambda h: fa.O[h] @ Rh[h] - fb.O[h], nh)
@@ -292,7 +297,8 @@ class ExactComparison:
         # The assignment is with the executor by now; its blocks read the whole forms (heads
         # included), so holding it would keep every in-flight comparison's heads alive.
         self.assignment = None
-        self.residuals, self.head_perm = _attention_residuals(self.fa, self.fb)
+        self.record: dict = {}
+        self.residuals, self.head_perm = _attention_residuals(self.fa, self.fb, self.record)
         # Keep only what the MLP residuals read: a null's rotated heads are freed while it waits.
         self.fa, self.fb = (replace(f, Q=None, K=None, V=None, O=None) for f in (self.fa, self.fb))
         release_memory()
