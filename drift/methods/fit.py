@@ -10,9 +10,10 @@ phase per RoPE pair and group, an O(d_head) per group on VO, the MLP unit permut
 GLU signs). Every step is a transform of :mod:`drift.gauge`, so ``apply`` preserves the
 layer's function by construction; when A is an exact gauge of B it reproduces B.
 
-So far for the architectures whose exact group is RMSNorm pre-norm, full RoPE, no q/k-norm
-and no sandwich norms (llama, mistral, qwen2, phi3 with full rotary dims); others are
-refused by name (:func:`unsupported`).
+So far for the architectures whose exact group is RMSNorm pre-norm with full RoPE and no
+sandwich norms (llama, mistral, qwen2, gemma, phi3 with full rotary dims, and qwen3 with its
+q/k-norm: head scales, pair swaps, signs and gain trades in place of the pair balance and
+phases); others are refused by name (:func:`unsupported`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 from .. import gauge
 from ..align import gl_balancer
 from ..assign import lap
-from ..canonical import CanonicalLayer, LayerSymmetry
+from ..canonical import CanonicalLayer, LayerSymmetry, rope_pair_index
 from ..errors import DriftError
 from .exact import ExactComparison, exact_form
 from .form import EPS, _group_stack
@@ -40,8 +41,6 @@ def unsupported(sym: LayerSymmetry) -> str | None:
         why.append("LayerNorm (bias folds, mean projections)")
     if sym.post_ln or sym.post_norms:
         why.append("post-norms")
-    if sym.qk_norm:
-        why.append("q/k-norm")
     if not sym.rope or sym.rotary_dims != sym.d_head:
         why.append("non-rotary head dims")
     return None if not why else f"{sym.arch}: {', '.join(why)}"
@@ -52,9 +51,11 @@ class Canonicaliser:
     """The gauge part of one layer's canonicalisation (float64)."""
 
     gains: dict[str, Tensor]  # role -> γ (folded into the readers: γ becomes 1)
-    qk_scale: Tensor  # (n_kv, m): zq ← zq·s, zk ← zk / s
+    qk_scale: Tensor | None  # (n_kv, m): zq ← zq·s, zk ← zk / s (not under q/k-norm)
     vo: Tensor  # (n_kv, d_head, d_head): V ← G V, O ← O G⁻¹
     glu: Tensor | None  # (d_ff,): up row × k, down column / k
+    head_norms: tuple[Tensor, Tensor] | None = None  # q/k-norm: ‖Q_h‖, ‖K_g‖ (heads scaled to 1)
+    gain_trade: Tensor | None = None  # q/k-norm: (m,) q_norm pair gains × c, k_norm / c
 
     @classmethod
     def of(cls, layer: CanonicalLayer) -> "Canonicaliser":
@@ -65,15 +66,24 @@ class Canonicaliser:
             L = gauge.norm_fold(L, role, 1.0 / g)
         Q, K, V = (_aug(getattr(L, w), getattr(L, b)) for w, b in (("W_Q", "b_Q"), ("W_K", "b_K"), ("W_V", "b_V")))
         m, r = s.rope_pairs, s.group_size
-        nq = (Q[:, :m] ** 2 + Q[:, m:2 * m] ** 2).sum(-1).reshape(s.n_kv_heads, r, m).sum(1)  # (nkv, m)
-        nk = (K[:, :m] ** 2 + K[:, m:2 * m] ** 2).sum(-1)
-        qk_scale = (nk.clamp_min(EPS) / nq.clamp_min(EPS)) ** 0.25
+        qk_scale = head_norms = gain_trade = None
+        if s.qk_norm:  # as exact_form and _norm_gains: unit heads, balanced pair gains
+            head_norms = (Q.flatten(1).norm(dim=1), K.flatten(1).norm(dim=1))
+            i, j = rope_pair_index(s)
+            gq, gk = L.norms["q_norm"][0], L.norms["k_norm"][0]
+            nq = torch.sqrt(gq[i] ** 2 + gq[j] ** 2).clamp_min(EPS)
+            nk = torch.sqrt(gk[i] ** 2 + gk[j] ** 2).clamp_min(EPS)
+            gain_trade = torch.sqrt(nk / nq) * torch.where(gq[i] + gq[j] < 0, -1.0, 1.0).to(gq)
+        else:
+            nq = (Q[:, :m] ** 2 + Q[:, m:2 * m] ** 2).sum(-1).reshape(s.n_kv_heads, r, m).sum(1)  # (nkv, m)
+            nk = (K[:, :m] ** 2 + K[:, m:2 * m] ** 2).sum(-1)
+            qk_scale = (nk.clamp_min(EPS) / nq.clamp_min(EPS)) ** 0.25
         vo, _ = gl_balancer(V, _group_stack(L.W_O.transpose(-1, -2), r))
         glu = None
         if s.is_glu:
             U = _aug(L.W_up, L.b_up)
             glu = (L.W_down.norm(dim=0).clamp_min(EPS) / U.norm(dim=1).clamp_min(EPS)).sqrt()
-        return cls(gains, qk_scale, vo, glu)
+        return cls(gains, qk_scale, vo, glu, head_norms, gain_trade)
 
 
 def _aug(W: Tensor, b: Tensor | None) -> Tensor:
@@ -109,19 +119,32 @@ class ExactAlignment:
         L = layer.map(lambda t: t.double())
         for role, g in ca.gains.items():  # A's gains folded into its readers
             L = gauge.norm_fold(L, role, 1.0 / g)
+        if s.qk_norm:
+            L = gauge.qwen3_head_scale(L, 1.0 / ca.head_norms[0], 1.0 / ca.head_norms[1])
+            L = gauge.qwen3_gain_trade(L, ca.gain_trade)
         for g in range(s.n_kv_heads):  # A's balance, in A's groups
-            L = gauge.qk_gauge(L, g, _pair_matrix(ca.qk_scale[g].to(torch.complex128), m))
+            if not s.qk_norm:
+                L = gauge.qk_gauge(L, g, _pair_matrix(ca.qk_scale[g].to(torch.complex128), m))
             L = gauge.vo_gauge(L, g, ca.vo[g])
         if ca.glu is not None:
             L = gauge.glu_unit_scale(L, ca.glu)
         L = gauge.permute_heads(L, self.head_perm)  # the fitted compact part, in B's order
         L = gauge.permute_mlp(L, self.mlp_perm)
+        phase = self.qk_phase.to(torch.complex128)
+        if s.qk_norm:  # phase = i^t · sign: the layer-wide pair swaps (gains too), then signs
+            swapped = phase[0].imag != 0
+            L = gauge.qwen3_pair_swap(L, torch.nonzero(swapped).flatten())
+            phase = phase / torch.where(swapped, 1j, 1.0 + 0j)
         for g in range(s.n_kv_heads):
-            L = gauge.qk_gauge(L, g, _pair_matrix(self.qk_phase[g].to(torch.complex128), m))
+            L = gauge.qk_gauge(L, g, _pair_matrix(phase[g], m))
             L = gauge.vo_gauge(L, g, self.vo_rotation[g].double())
             # B's balance undone
-            L = gauge.qk_gauge(L, g, _pair_matrix((1.0 / cb.qk_scale[g]).to(torch.complex128), m))
+            if not s.qk_norm:
+                L = gauge.qk_gauge(L, g, _pair_matrix((1.0 / cb.qk_scale[g]).to(torch.complex128), m))
             L = gauge.vo_gauge(L, g, torch.linalg.inv(cb.vo[g]))
+        if s.qk_norm:
+            L = gauge.qwen3_head_scale(L, cb.head_norms[0], cb.head_norms[1])
+            L = gauge.qwen3_gain_trade(L, 1.0 / cb.gain_trade)
         if cb.glu is not None:
             L = gauge.glu_unit_scale(L, torch.as_tensor(self.mlp_sign, dtype=torch.float64) / cb.glu)
         for role, g in cb.gains.items():  # B's gains unfolded
