@@ -11,9 +11,10 @@ GLU signs). Every step is a transform of :mod:`drift.gauge`, so ``apply`` preser
 layer's function by construction; when A is an exact gauge of B it reproduces B.
 
 So far for the architectures whose exact group is RMSNorm pre-norm with full RoPE and no
-sandwich norms (llama, mistral, qwen2, gemma, phi3 with full rotary dims, and qwen3 with its
-q/k-norm: head scales, pair swaps, signs and gain trades in place of the pair balance and
-phases); others are refused by name (:func:`unsupported`).
+post-LN (llama, mistral, qwen2, gemma, phi3 with full rotary dims; qwen3 with its q/k-norm:
+head scales, pair swaps, signs and gain trades in place of the pair balance and phases;
+gemma2 with its sandwich norms: the output scales of O and D); others are refused by name
+(:func:`unsupported`).
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ def unsupported(sym: LayerSymmetry) -> str | None:
     why = []
     if sym.norm_kind != "rms":
         why.append("LayerNorm (bias folds, mean projections)")
-    if sym.post_ln or sym.post_norms:
-        why.append("post-norms")
+    if sym.post_ln:
+        why.append("post-LN")
     if not sym.rope or sym.rotary_dims != sym.d_head:
         why.append("non-rotary head dims")
     return None if not why else f"{sym.arch}: {', '.join(why)}"
@@ -54,6 +55,7 @@ class Canonicaliser:
     qk_scale: Tensor | None  # (n_kv, m): zq ← zq·s, zk ← zk / s (not under q/k-norm)
     vo: Tensor  # (n_kv, d_head, d_head): V ← G V, O ← O G⁻¹
     glu: Tensor | None  # (d_ff,): up row × k, down column / k
+    output: tuple[float, float] | None = None  # sandwich norms: the scales of O and D (made 1)
     head_norms: tuple[Tensor, Tensor] | None = None  # q/k-norm: ‖Q_h‖, ‖K_g‖ (heads scaled to 1)
     gain_trade: Tensor | None = None  # q/k-norm: (m,) q_norm pair gains × c, k_norm / c
 
@@ -66,6 +68,14 @@ class Canonicaliser:
             L = gauge.norm_fold(L, role, 1.0 / g)
         Q, K, V = (_aug(getattr(L, w), getattr(L, b)) for w, b in (("W_Q", "b_Q"), ("W_K", "b_K"), ("W_V", "b_V")))
         m, r = s.rope_pairs, s.group_size
+        output = None
+        if s.post_norms:  # a norm after attention and MLP: their output scales are free (Gemma2)
+            gidx = torch.arange(s.n_heads) // r
+            s_o = float(torch.einsum("hxd,hdp->hxp", L.W_O, V[gidx]).norm())  # ‖O V‖: VO-GL invariant
+            U = _aug(L.W_up, L.b_up)
+            s_d = float((L.W_down.norm(dim=0) * U.norm(dim=1)).sum())  # unit-scale invariant
+            output = (s_o, s_d)
+            L = gauge.output_scale(L, 1.0 / s_o, 1.0 / s_d)
         qk_scale = head_norms = gain_trade = None
         if s.qk_norm:  # as exact_form and _norm_gains: unit heads, balanced pair gains
             head_norms = (Q.flatten(1).norm(dim=1), K.flatten(1).norm(dim=1))
@@ -83,7 +93,7 @@ class Canonicaliser:
         if s.is_glu:
             U = _aug(L.W_up, L.b_up)
             glu = (L.W_down.norm(dim=0).clamp_min(EPS) / U.norm(dim=1).clamp_min(EPS)).sqrt()
-        return cls(gains, qk_scale, vo, glu, head_norms, gain_trade)
+        return cls(gains, qk_scale, vo, glu, output, head_norms, gain_trade)
 
 
 def _aug(W: Tensor, b: Tensor | None) -> Tensor:
@@ -119,6 +129,8 @@ class ExactAlignment:
         L = layer.map(lambda t: t.double())
         for role, g in ca.gains.items():  # A's gains folded into its readers
             L = gauge.norm_fold(L, role, 1.0 / g)
+        if ca.output is not None:
+            L = gauge.output_scale(L, 1.0 / ca.output[0], 1.0 / ca.output[1])
         if s.qk_norm:
             L = gauge.qwen3_head_scale(L, 1.0 / ca.head_norms[0], 1.0 / ca.head_norms[1])
             L = gauge.qwen3_gain_trade(L, ca.gain_trade)
@@ -147,6 +159,8 @@ class ExactAlignment:
             L = gauge.qwen3_gain_trade(L, 1.0 / cb.gain_trade)
         if cb.glu is not None:
             L = gauge.glu_unit_scale(L, torch.as_tensor(self.mlp_sign, dtype=torch.float64) / cb.glu)
+        if cb.output is not None:
+            L = gauge.output_scale(L, cb.output[0], cb.output[1])
         for role, g in cb.gains.items():  # B's gains unfolded
             L = gauge.norm_fold(L, role, g)
         return L
