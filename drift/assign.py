@@ -108,8 +108,12 @@ class lap_pool:
     def __exit__(self, *exc):
         global _POOL
         if self._owner and _POOL is not None:
-            _POOL.shutdown(wait=True, cancel_futures=True)
-            _POOL = None
+            try:
+                _POOL.shutdown(wait=True, cancel_futures=True)
+            finally:
+                _POOL = None
+                for path in list(_COST_FILES):  # whatever a signal left between write and callback
+                    _unlink_quietly(path)
 
 
 def _worker_init() -> None:
@@ -190,12 +194,13 @@ def _write_cost(cost: BlockCost, sign: float) -> str:
     import tempfile
 
     fd, path = tempfile.mkstemp(prefix=f"{COST_PREFIX}{os.getpid()}-", suffix=".f64")
+    _COST_FILES.add(path)
     try:
         with os.fdopen(fd, "wb") as f:
             for _, _, b in cost.blocks(sign):
                 f.write(memoryview(np.ascontiguousarray(b)).cast("B"))
     except BaseException:
-        os.unlink(path)
+        _unlink_quietly(path)
         raise
     release_memory()  # the blocks' buffers: without this the heap keeps ~0.1 GB at the 4B shape
     return path
@@ -222,7 +227,12 @@ def lap_submit(cost: np.ndarray | Tensor | BlockCost, maximize: bool = False):
     return _POOL.submit(_lap_cols, _as_numpy(cost), maximize)
 
 
+_COST_FILES: set[str] = set()
+"""Cost files this process wrote and has not yet seen removed (see lap_pool.__exit__)."""
+
+
 def _unlink_quietly(path: str) -> None:
+    _COST_FILES.discard(path)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
 
