@@ -132,14 +132,14 @@ def _worker_init() -> None:
 def _die_with_parent() -> None:
     """Linux: have the kernel send this worker SIGTERM when its parent dies (``kill -9`` of
     drift, a closed notebook kernel), so that no worker is left holding the parent's stdout."""
-    import ctypes
     import signal
 
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
+    from .memory import _libc
+
+    libc = _libc()
+    if not libc or not hasattr(libc, "prctl"):  # not glibc/Linux
         return
+    libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
     if os.getppid() == 1:  # the parent died before the request took effect
         os._exit(1)
 

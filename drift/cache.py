@@ -83,14 +83,13 @@ def _jsonable(v: Any) -> Any:
     return str(v)  # torch.dtype -> "torch.float32"
 
 
-DTYPE_ALIASES = {"fp32": "float32", "fp64": "float64"}
-"""Spellings of a dtype that analyze() takes as the same one (see ``drift.analysis.DTYPES``)."""
-
-
 def _dtype_name(v: Any) -> Any:
-    """``"fp32"``, ``"torch.float32"`` and ``torch.float32`` all as ``"float32"``."""
+    """``"fp32"``, ``"torch.float32"`` and ``torch.float32`` all as ``"float32"``: the
+    spellings that analyze() takes as one dtype (``drift.analysis.DTYPES``)."""
+    from .analysis import DTYPES
+
     name = str(v).replace("torch.", "")
-    return DTYPE_ALIASES.get(name, name)
+    return str(DTYPES[name]).replace("torch.", "") if name in DTYPES else name
 
 
 def _layer_list(layers: Any) -> Any:

@@ -47,7 +47,10 @@ class FormStore:
                  budget: float = float("inf")):
         self._make, self.pairs, self.budget = make, list(pairs), budget
         self.forms: dict[int, object] = {}
-        self._uses = {L: {k for k, p in enumerate(self.pairs) if L in p} for p in self.pairs for L in p}
+        self._uses: dict[int, set[int]] = {}  # layer -> the pairs that use it
+        for k, pair in enumerate(self.pairs):
+            for L in pair:
+                self._uses.setdefault(L, set()).add(k)
         self._finished: set[int] = set()
         self.form_bytes = 0  # one form's size, once one is made
         self.peak = self.made = 0

@@ -25,7 +25,7 @@ from ..canonical import CanonicalLayer, rope_pair_index
 from ..memory import release_memory
 from .circuits import _circuit_residuals, _ov_cost, _qk_form_cost
 from .form import (EPS, Form, Tensor, _aug, _cinner, _complex_pairs, _from_complex, _group_stack,
-                   _group_unstack, _halves, _norm_gains, _rotate_pairs_, _unit_)
+                   _group_unstack, _halves, _norm_gains, _rotate_pairs_, _unit_, qk_pair_scale)
 
 
 def _fold(layer: CanonicalLayer, consume: bool = False) -> dict[str, Tensor | None]:
@@ -92,9 +92,7 @@ def exact_form(layer: CanonicalLayer, consume: bool = False) -> Form:
     else:
         if rd:  # C* per pair and group: balance Σ_h |zq_h,i|² = |zk_i|²
             zq, zk = _complex_pairs(Q, s), _complex_pairs(K, s)  # (nh, m, P), (nkv, m, P)
-            nq = (zq.abs() ** 2).sum(-1).reshape(s.n_kv_heads, r, -1).sum(1)  # (nkv, m)
-            nk = (zk.abs() ** 2).sum(-1)
-            sc = (nk.clamp_min(EPS) / nq.clamp_min(EPS)) ** 0.25  # (nkv, m)
+            sc = qk_pair_scale(zq, zk, s)  # (nkv, m)
             zq = zq * sc.repeat_interleave(r, 0)[..., None]
             zk = zk / sc[..., None]
             Q, K = _from_complex(zq, Q, s), _from_complex(zk, K, s)

@@ -27,10 +27,10 @@ import torch
 from .. import gauge
 from ..align import gl_balancer
 from ..assign import lap
-from ..canonical import CanonicalLayer, LayerSymmetry, rope_pair_index
+from ..canonical import CanonicalLayer, LayerSymmetry
 from ..errors import DriftError
 from .exact import ExactComparison, exact_form
-from .form import EPS, _group_stack
+from .form import EPS, _aug, _complex_pairs, _group_stack, pair_gain_trade, qk_pair_scale
 
 Tensor = torch.Tensor
 
@@ -67,7 +67,7 @@ class Canonicaliser:
         for role, g in gains.items():
             L = gauge.norm_fold(L, role, 1.0 / g)
         Q, K, V = (_aug(getattr(L, w), getattr(L, b)) for w, b in (("W_Q", "b_Q"), ("W_K", "b_K"), ("W_V", "b_V")))
-        m, r = s.rope_pairs, s.group_size
+        r = s.group_size
         output = None
         if s.post_norms:  # a norm after attention and MLP: their output scales are free (Gemma2)
             gidx = torch.arange(s.n_heads) // r
@@ -79,25 +79,15 @@ class Canonicaliser:
         qk_scale = head_norms = gain_trade = None
         if s.qk_norm:  # as exact_form and _norm_gains: unit heads, balanced pair gains
             head_norms = (Q.flatten(1).norm(dim=1), K.flatten(1).norm(dim=1))
-            i, j = rope_pair_index(s)
-            gq, gk = L.norms["q_norm"][0], L.norms["k_norm"][0]
-            nq = torch.sqrt(gq[i] ** 2 + gq[j] ** 2).clamp_min(EPS)
-            nk = torch.sqrt(gk[i] ** 2 + gk[j] ** 2).clamp_min(EPS)
-            gain_trade = torch.sqrt(nk / nq) * torch.where(gq[i] + gq[j] < 0, -1.0, 1.0).to(gq)
+            gain_trade = pair_gain_trade(L.norms["q_norm"][0], L.norms["k_norm"][0], s)
         else:
-            nq = (Q[:, :m] ** 2 + Q[:, m:2 * m] ** 2).sum(-1).reshape(s.n_kv_heads, r, m).sum(1)  # (nkv, m)
-            nk = (K[:, :m] ** 2 + K[:, m:2 * m] ** 2).sum(-1)
-            qk_scale = (nk.clamp_min(EPS) / nq.clamp_min(EPS)) ** 0.25
+            qk_scale = qk_pair_scale(_complex_pairs(Q, s), _complex_pairs(K, s), s)
         vo, _ = gl_balancer(V, _group_stack(L.W_O.transpose(-1, -2), r))
         glu = None
         if s.is_glu:
             U = _aug(L.W_up, L.b_up)
             glu = (L.W_down.norm(dim=0).clamp_min(EPS) / U.norm(dim=1).clamp_min(EPS)).sqrt()
         return cls(gains, qk_scale, vo, glu, output, head_norms, gain_trade)
-
-
-def _aug(W: Tensor, b: Tensor | None) -> Tensor:
-    return W if b is None else torch.cat([W, b[..., None]], dim=-1)
 
 
 def _pair_matrix(c: Tensor, m: int) -> Tensor:

@@ -146,12 +146,26 @@ def _norm_gains(layer: CanonicalLayer, exact: bool) -> tuple[dict[str, Tensor], 
         # per-pair q<->k gain trade: balance |γ_q pair| = |γ_k pair|, sign so that γ_q pair sums ≥ 0
         i, j = rope_pair_index(layer.sym)
         gq, gk = layer.norms["q_norm"][0].clone(), layer.norms["k_norm"][0].clone()
-        nq = torch.sqrt(gq[i] ** 2 + gq[j] ** 2).clamp_min(EPS)
-        nk = torch.sqrt(gk[i] ** 2 + gk[j] ** 2).clamp_min(EPS)
-        c = torch.sqrt(nk / nq) * torch.where(gq[i] + gq[j] < 0, -1.0, 1.0).to(gq)
+        c = pair_gain_trade(gq, gk, layer.sym)
         for idx in (i, j):
             gq[idx], gk[idx] = gq[idx] * c, gk[idx] / c
         gains["q_norm"], gains["k_norm"] = _unit(gq), _unit(gk)
         pair_gains = ("q_norm", "k_norm")
     return gains, pair_gains
 
+
+def pair_gain_trade(gq: Tensor, gk: Tensor, sym: LayerSymmetry) -> Tensor:
+    """q/k-norm: the per-pair trade c (m,) that balances |γ_q pair| = |γ_k pair| (γ_q × c,
+    γ_k / c), its sign chosen so that γ_q's pair sums to ≥ 0."""
+    i, j = rope_pair_index(sym)
+    nq = torch.sqrt(gq[i] ** 2 + gq[j] ** 2).clamp_min(EPS)
+    nk = torch.sqrt(gk[i] ** 2 + gk[j] ** 2).clamp_min(EPS)
+    return torch.sqrt(nk / nq) * torch.where(gq[i] + gq[j] < 0, -1.0, 1.0).to(gq)
+
+
+def qk_pair_scale(zq: Tensor, zk: Tensor, sym: LayerSymmetry) -> Tensor:
+    """The C* balance per RoPE pair and KV group, (n_kv, m): zq × s, zk / s makes
+    Σ_h |zq_h,i|² = |zk_i|². ``zq`` (n_heads, m, P), ``zk`` (n_kv, m, P) complex pairs."""
+    nq = (zq.abs() ** 2).sum(-1).reshape(sym.n_kv_heads, sym.group_size, -1).sum(1)  # (nkv, m)
+    nk = (zk.abs() ** 2).sum(-1)
+    return (nk.clamp_min(EPS) / nq.clamp_min(EPS)) ** 0.25
