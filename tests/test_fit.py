@@ -10,13 +10,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from drift import DriftError, gauge, toy
+from drift import gauge, toy
 from drift.canonical import LayerReader, layer_state_dict
 from drift.checkpoint import Checkpoint
 from drift.methods.fit import fit, unsupported
 
-SUPPORTED = ["llama", "llama_mha", "llama_mqa", "mistral", "qwen2", "gemma", "phi3", "qwen3", "gemma2"]
-REFUSED = ["gpt2", "gpt_neox", "bert"]
+SUPPORTED = sorted(toy.TOY_CONFIGS)  # every architecture of the registry, GQA/MQA/MHA variants
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +63,10 @@ def test_applied_alignment_keeps_the_function(name, models):
     assert not unexpected
     got = toy.outputs(edited, ids)
     # Gemma's RMSNorm computes in float32 whatever the model's dtype (1e-7 is its rounding);
-    # a q/k-norm head scale is invisible up to the norm's eps (rms_norm_eps 1e-6): 2e-7 here
-    assert _rel(got, want) < {"gemma": 1e-6, "gemma2": 1e-6, "qwen3": 1e-6}.get(name, 1e-9)
+    # a q/k-norm head scale is invisible up to the norm's eps (rms_norm_eps 1e-6): 2e-7 here;
+    # GPT-NeoX's softmax computes in float32, and a key-bias shift moves its inputs (5e-8 here)
+    loose = {"gemma": 1e-6, "gemma2": 1e-6, "qwen3": 1e-6, "gpt_neox": 1e-6}
+    assert _rel(got, want) < loose.get(name, 1e-9)
     # In L1's coordinates: drift sees the same residuals as for L0 (a gauge of it), and
     # aligning it onto L1 again matches head h with head h and unit j with unit j.
     import numpy as np
@@ -78,15 +79,14 @@ def test_applied_alignment_keeps_the_function(name, models):
 
     # every gauge-invariant family; the pre-norm gains are not invariant (they are L1's now)
     inv = [f for f in ref if families.invariant("exact", L0.sym, f)]
-    assert len(inv) >= 9 and all(abs(again[f] - ref[f]) < 1e-6 for f in inv), (ref, again)
+    assert len(inv) >= 8 and all(abs(again[f] - ref[f]) < 1e-6 for f in inv), (ref, again)
     assert (details["head_perm"] == np.arange(L0.sym.n_heads)).all()
     assert (details["mlp_perm"] == np.arange(L0.sym.d_ff)).all()
 
 
-@pytest.mark.parametrize("name", REFUSED)
-def test_architectures_not_yet_covered_are_refused_by_name(name, models):
-    _, reader = models(name)
-    L = reader.read(0)
-    assert unsupported(L.sym)
-    with pytest.raises(DriftError, match="not implemented yet"):
-        fit(L, reader.read(1))
+def test_every_registered_architecture_is_covered(models):
+    from drift.archs import REGISTRY
+
+    archs = {models(n)[1].read(0).sym.arch for n in SUPPORTED}
+    assert {spec.name for spec in REGISTRY} <= archs
+    assert all(unsupported(models(n)[1].read(0).sym) is None for n in SUPPORTED)

@@ -170,6 +170,8 @@ def _fit_qk(Qa: Tensor, Ka: Tensor, fa: Form, fb: Form,
         A = torch.cat([_group_stack(Qa[:, rd:], r), Ka[:, rd:]], dim=-1)  # (nkv, dp, (r+1)P)
         B = torch.cat([_group_stack(fb.Q[:, rd:], r), fb.K[:, rd:]], dim=-1)
         R = polar(B @ A.transpose(-1, -2))  # (nkv, dp, dp)
+        if record is not None:
+            record["qk_rotation"] = R.clone()  # (nkv, dp, dp): non-rotary rows ← R rows, Q and K
         Qa = torch.cat([Qa[:, :rd], torch.einsum("hij,hjp->hip", R.repeat_interleave(r, 0), Qa[:, rd:])], 1)
         Ka = torch.cat([Ka[:, :rd], R @ Ka[:, rd:]], 1)
     return Qa, Ka, gains
