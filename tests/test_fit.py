@@ -90,3 +90,25 @@ def test_every_registered_architecture_is_covered(models):
     archs = {models(n)[1].read(0).sym.arch for n in SUPPORTED}
     assert {spec.name for spec in REGISTRY} <= archs
     assert all(unsupported(models(n)[1].read(0).sym) is None for n in SUPPORTED)
+
+
+def test_fit_on_real_minilm_weights_keeps_the_function():
+    """All-MiniLM-L6-v2 (BERT: post-LN, biases everywhere, no RoPE): layer 2 moved into
+    layer 3's coordinates, put back in place of layer 2, changes nothing; its raw weights do."""
+    import transformers
+
+    from drift.checkpoint import resolve_model
+
+    folder = resolve_model("minilm")
+    model = transformers.AutoModel.from_pretrained(folder, local_files_only=True,
+                                                   torch_dtype=torch.float64).eval()
+    reader = LayerReader(Checkpoint.open(folder), torch.float64)
+    ids = toy.probe_ids(vocab=model.config.vocab_size, length=16)
+    with torch.no_grad():
+        want = toy.outputs(model, ids)
+        L2 = reader.read(2)
+        moved = fit(L2, reader.read(3)).apply(L2)
+        assert _rel(moved.W_Q, L2.W_Q) > 0.5  # really moved
+        model.load_state_dict(layer_state_dict(moved, reader), strict=False)
+        got = toy.outputs(model, ids)
+    assert _rel(got, want) < 1e-9
