@@ -112,3 +112,44 @@ def test_fit_on_real_minilm_weights_keeps_the_function():
         model.load_state_dict(layer_state_dict(moved, reader), strict=False)
         got = toy.outputs(model, ids)
     assert _rel(got, want) < 1e-9
+
+
+# --------------------------------------------------------------------------- rotation, raw
+
+@pytest.mark.parametrize("name", ["llama_mha", "llama", "bert", "qwen3"])
+def test_rotation_alignment_reproduces_its_residuals_and_says_it_is_approximate(name, models):
+    """The rotations ``rotation`` fits, applied to A, give the residuals it reports: per query
+    head for q and o (and k and v where heads are not grouped), whole for the MLP; a second
+    fit onto B is then the identity. Applying them changes the model's outputs."""
+    from drift.methods import get, rotation_compare, rotation_form
+
+    model, reader = models(name)
+    L0, L1 = reader.read(0), reader.read(1)
+    al = get("rotation").fit(L0, L1)
+    assert not al.function_preserving
+    moved = al.apply(L0)
+    want = rotation_compare(rotation_form(L0), rotation_form(L1))
+    got = rotation_compare(rotation_form(moved), rotation_form(L1), fit=False)
+    fams = ["q_proj", "o_proj", "up_proj", "down_proj"] + (["gate_proj"] if L0.W_gate is not None else [])
+    if L0.sym.group_size == 1:
+        fams += ["k_proj", "v_proj"]
+    assert all(abs(got[f] - want[f]) < 1e-9 for f in fams), {f: (got[f], want[f]) for f in fams}
+    again = get("rotation").fit(moved, L1)
+    if L0.sym.group_size == 1:  # grouped K/V took the group's rotation, not each head's
+        eye = torch.eye(L0.sym.d_head, dtype=torch.float64).expand_as(again.head)
+        assert _rel(again.head, eye) < 1e-8
+    assert _rel(again.mlp @ al.mlp, al.mlp) < 1e-8  # identity on what A's units span
+    ids = toy.probe_ids(vocab=model.config.vocab_size)
+    edited = toy.tiny_model(name, seed=5, dtype=torch.float64)
+    edited.load_state_dict(layer_state_dict(moved, reader), strict=False)
+    assert _rel(toy.outputs(edited, ids), toy.outputs(model, ids)) > 1e-3
+
+
+def test_raw_alignment_is_the_identity(models):
+    from drift.methods import get
+
+    _, reader = models("llama")
+    L0, L1 = reader.read(0), reader.read(1)
+    al = get("raw").fit(L0, L1)
+    assert not al.function_preserving
+    assert all(torch.equal(t, dict(L0.tensors())[n]) for n, t in al.apply(L0).tensors())

@@ -9,6 +9,12 @@ A comparison is three declared steps, so that a scheduler can place the expensiv
 - ``prepare()``: the work that does not need the answer, done while it is being solved.
 - ``finish(answer)``: the per-family residuals.
 
+A method also *fits*: ``Method.fit(layer_a, layer_b)`` returns the alignment it found, an
+object whose ``apply(layer_a)`` is layer A moved into layer B's coordinates and whose
+``function_preserving`` says whether that keeps A's function (``exact``: yes, it is a group
+element, :mod:`.fit`; ``rotation``: no, :class:`.rotation.RotationAlignment`; ``raw``: the
+identity).
+
 :func:`run` does the three in this thread. Methods: ``exact`` (:mod:`.exact`), ``rotation``
 and ``raw`` (:mod:`.rotation`); :data:`METHODS` is the registry every other module reads.
 """
@@ -23,11 +29,12 @@ import torch
 from ..assign import lap
 from ..errors import DriftError
 from .exact import ExactComparison, exact_compare, exact_form
+from .fit import ExactAlignment, fit as exact_fit
 from .form import Form
-from .rotation import RotationComparison, rotation_compare, rotation_form
+from .rotation import RotationAlignment, RotationComparison, fit_rotation, rotation_compare, rotation_form
 
-__all__ = ["METHODS", "Comparison", "Form", "Method", "exact_compare", "exact_form", "get", "run",
-           "rotation_compare", "rotation_form"]
+__all__ = ["METHODS", "Comparison", "ExactAlignment", "Form", "Method", "RotationAlignment", "exact_compare",
+           "exact_fit", "exact_form", "fit_rotation", "get", "run", "rotation_compare", "rotation_form"]
 
 
 class Comparison(Protocol):
@@ -53,6 +60,7 @@ class Method:
     approximate: bool  # the fitted alignment is not a symmetry of the model
     make_form: Callable[..., Form]
     make_comparison: Callable[[Form, Form], Comparison]
+    make_fit: Callable[..., Any]  # (layer_a, layer_b) -> an alignment with .apply(layer_a)
     lazy_null: bool = False  # the null partner's MLP is rotated as the comparison reads it
     assigns: bool = False  # its comparisons have a large assignment (worth worker processes)
 
@@ -67,15 +75,23 @@ class Method:
     def compare(self, fa: Form, fb: Form) -> Comparison:
         return self.make_comparison(fa, fb)
 
+    def fit(self, layer_a, layer_b):
+        """The alignment of layer A onto layer B this method fits (float64); its
+        ``apply(layer_a)`` is A in B's coordinates, ``function_preserving`` says whether
+        that computes what A computes."""
+        return self.make_fit(layer_a, layer_b)
+
 
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("exact", "remove exactly the model's symmetry group (default)", "exact gauge", False,
-           exact_form, ExactComparison, lazy_null=True, assigns=True),
+           exact_form, ExactComparison, exact_fit, lazy_null=True, assigns=True),
     Method("rotation", "the reference script's per-head O(d_head) + O(d_ff) rotations, orientation "
            "corrected (approximate: not a symmetry)", "rotation (approximate)", True,
-           lambda layer, consume=False: rotation_form(layer), lambda a, b: RotationComparison(a, b, fit=True)),
+           lambda layer, consume=False: rotation_form(layer), lambda a, b: RotationComparison(a, b, fit=True),
+           fit_rotation),
     Method("raw", "no alignment", "raw (no alignment)", True,
-           lambda layer, consume=False: rotation_form(layer), lambda a, b: RotationComparison(a, b, fit=False)),
+           lambda layer, consume=False: rotation_form(layer), lambda a, b: RotationComparison(a, b, fit=False),
+           lambda a, b: fit_rotation(a, b, fit=False)),
 )}
 """The registry: method name -> :class:`Method`, in the order users see them."""
 

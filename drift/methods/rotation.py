@@ -6,6 +6,8 @@ raw norm vectors. Neither rotation is a symmetry of the model: approximate, labe
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..align import fro, polar, procrustes_thin
@@ -71,3 +73,67 @@ class RotationComparison:
         out = rotation_compare(self.fa, self.fb, fit=self.fit)
         self.fa = self.fb = None
         return out
+
+
+@dataclass
+class RotationAlignment:
+    """What ``rotation`` fits between layer A and layer B, as something to apply to A.
+
+    ``head`` (n_heads, d_head, d_head): Q_h ← R_h Q_h, O_h ← O_h R_hᵀ per query head; K and V
+    are shared by a KV group, so they get the rotation nearest the group's (polar of Σ_h R_h;
+    R_h itself when heads are not grouped). ``mlp`` (d_ff, d_ff): units ← R units. Neither is
+    a symmetry of the model (RoPE and the MLP's nonlinearity do not commute with them), so
+    ``apply`` changes what the layer computes: ``function_preserving`` is False. ``raw``'s
+    alignment is the identity (``head`` and ``mlp`` None)."""
+
+    head: Tensor | None
+    mlp: Tensor | None
+    function_preserving: bool = False
+
+    def apply(self, layer: CanonicalLayer) -> CanonicalLayer:
+        """``layer`` (A) rotated towards B, as a new float64 layer."""
+        L = layer.map(lambda t: t.double())
+        if self.head is None:
+            return L
+        s = L.sym
+        R = self.head.double()
+        Rg = polar(R.reshape(s.n_kv_heads, s.group_size, *R.shape[1:]).sum(1))  # (n_kv, dh, dh)
+        L.W_Q, L.W_O = R @ L.W_Q, L.W_O @ R.transpose(-1, -2)
+        L.W_K, L.W_V = Rg @ L.W_K, Rg @ L.W_V
+        for name, M in (("b_Q", R), ("b_K", Rg), ("b_V", Rg)):
+            b = getattr(L, name)
+            if b is not None:
+                setattr(L, name, (M @ b[..., None])[..., 0])
+        S = self.mlp.double()
+        for name in ("W_gate", "W_up", "b_gate", "b_up"):
+            if getattr(L, name) is not None:
+                setattr(L, name, S @ getattr(L, name))
+        L.W_down = L.W_down @ S.T
+        return L
+
+
+def _full_procrustes(As: list[Tensor], Bs: list[Tensor]) -> Tensor:
+    """The (n, n) orthogonal R of :func:`~drift.align.procrustes_thin`, completed on the
+    complement of A's column span (where the fit says nothing) by matching complements."""
+    A, B = torch.cat(As, dim=-1), torch.cat(Bs, dim=-1)  # (n, p)
+    n, p = A.shape
+    if p >= n:
+        return polar(B @ A.T)
+    Qa, Ra = torch.linalg.qr(A, mode="complete")
+    Qb, Rb = torch.linalg.qr(B, mode="complete")
+    core = torch.eye(n, dtype=A.dtype)
+    core[:p, :p] = polar(Rb[:p] @ Ra[:p].T)
+    return Qb @ core @ Qa.T
+
+
+def fit_rotation(layer_a: CanonicalLayer, layer_b: CanonicalLayer, fit: bool = True) -> RotationAlignment:
+    """``rotation``'s fitted rotations of layer A onto layer B (float64); ``fit=False``: ``raw``."""
+    if not fit:
+        return RotationAlignment(None, None)
+    fa, fb = (rotation_form(L.map(lambda t: t.double())) for L in (layer_a, layer_b))
+    t = lambda X: X.transpose(-1, -2)  # noqa: E731
+    R = polar(fb.Q @ t(fa.Q) + fb.K @ t(fa.K) + fb.V @ t(fa.V) + t(fb.O) @ fa.O)
+    As = ([fa.G] if fa.G is not None else []) + [fa.U, fa.D.T]
+    Bs = ([fb.G] if fb.G is not None else []) + [fb.U, fb.D.T]
+    return RotationAlignment(R, _full_procrustes(As, Bs))
+
