@@ -109,13 +109,40 @@ def compare_methods(results: Mapping[str, AnalysisResult], ax: "Axes | None" = N
     first = results[labels[0]]
     # Rank by the exact method when it is there (the other methods' ranking is not meaningful).
     ref = next((r for r in results.values() if r.method == "exact"), first)
-    if families is None:
-        order = _stats(ref, value).sort_values("mean").index
-        seen = list(order) + [f for r in results.values() for f in r.families if f not in order]
-        fams = list(dict.fromkeys(seen))
-    else:
-        fams = list(families)
+    fams = _method_families(results, ref, value) if families is None else list(families)
     ax = _new_axes(ax, (min(11.0, 2.5 + 0.25 * len(fams) * len(labels)), 4.2))
+    _method_bars(ax, results, fams, value)
+    if value == "rho":
+        ax.axhline(1.0, color="black", ls="--", lw=1.0, label="null (ρ = 1)")
+    else:
+        ax.axhline(math.sqrt(2), color="#999999", ls=":", lw=1.0, label="√2: orthogonal, nothing fitted")
+    _method_ticks(ax, results, fams, ref)
+    ax.set_ylabel(f"mean {VALUE_LABELS[value]}", fontsize=8)
+    ax.set_ylim(bottom=0)
+    handles, names = ax.get_legend_handles_labels()
+    from matplotlib.container import BarContainer
+
+    order = sorted(range(len(handles)), key=lambda k: not isinstance(handles[k], BarContainer))
+    ax.legend([handles[k] for k in order], [names[k] for k in order], fontsize=7, loc="upper left",
+              bbox_to_anchor=(1.01, 1.0), frameon=False)
+    ctx = _context(first)
+    meths = " vs ".join(METHOD_NAMES.get(results[lab].method, lab) for lab in labels)
+    ax.set_title(f"{VALUE_SHORT[value]} per family, by method\nmethods: {meths}"
+                 + (f" — {ctx}" if ctx else ""), fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    return ax
+
+
+def _method_families(results: Mapping[str, AnalysisResult], ref: AnalysisResult, value: str) -> list[str]:
+    """The reference result's families ranked by its mean, then any the others add."""
+    order = _stats(ref, value).sort_values("mean").index
+    seen = list(order) + [f for r in results.values() for f in r.families if f not in order]
+    return list(dict.fromkeys(seen))
+
+
+def _method_bars(ax: "Axes", results: Mapping[str, AnalysisResult], fams: list[str], value: str) -> None:
+    """One bar per method and family (mean, min/max whiskers), its null as a black tick."""
+    labels = list(results)
     width = 0.8 / len(labels)
     x = np.arange(len(fams))
     null_drawn = False
@@ -139,12 +166,13 @@ def compare_methods(results: Mapping[str, AnalysisResult], ax: "Axes | None" = N
             ax.hlines(s["null"][ok], xs[ok] - width * 0.46, xs[ok] + width * 0.46, colors="black",
                       lw=2.0, label=None if null_drawn else "its null (unrelated partner)")
             null_drawn = True
-    if value == "rho":
-        ax.axhline(1.0, color="black", ls="--", lw=1.0, label="null (ρ = 1)")
-    else:
-        ax.axhline(math.sqrt(2), color="#999999", ls=":", lw=1.0, label="√2: orthogonal, nothing fitted")
-    # A family that only some methods produce (the circuits: exact only) says so; a family
-    # that is not gauge-invariant even under the reference (exact) method is starred.
+
+
+def _method_ticks(ax: "Axes", results: Mapping[str, AnalysisResult], fams: list[str],
+                  ref: AnalysisResult) -> None:
+    """Family ticks: a family only some methods produce (the circuits: exact only) says so;
+    one that is not gauge-invariant even under the reference (exact) method is starred."""
+    labels = list(results)
     ticks = []
     starred = False
     for f in fams:
@@ -153,22 +181,8 @@ def compare_methods(results: Mapping[str, AnalysisResult], ax: "Axes | None" = N
         starred |= star
         name = f + (" *" if star else "")
         ticks.append(name if len(have) == len(labels) else f"{name}\n({', '.join(have)} only)")
-    ax.set_xticks(x, ticks, rotation=35, ha="right")
+    ax.set_xticks(np.arange(len(fams)), ticks, rotation=35, ha="right")
     if starred:
         ax.text(1.01, 0.0, f"* not gauge-invariant,\n  even under {METHOD_NAMES.get(ref.method, ref.method)}",
                 transform=ax.transAxes, fontsize=7, va="bottom")
-    ax.set_ylabel(f"mean {VALUE_LABELS[value]}", fontsize=8)
-    ax.set_ylim(bottom=0)
-    handles, names = ax.get_legend_handles_labels()
-    from matplotlib.container import BarContainer
-
-    order = sorted(range(len(handles)), key=lambda k: not isinstance(handles[k], BarContainer))
-    ax.legend([handles[k] for k in order], [names[k] for k in order], fontsize=7, loc="upper left",
-              bbox_to_anchor=(1.01, 1.0), frameon=False)
-    ctx = _context(first)
-    meths = " vs ".join(METHOD_NAMES.get(results[lab].method, lab) for lab in labels)
-    ax.set_title(f"{VALUE_SHORT[value]} per family, by method\nmethods: {meths}"
-                 + (f" — {ctx}" if ctx else ""), fontsize=10)
-    ax.grid(axis="y", alpha=0.3)
-    return ax
 
