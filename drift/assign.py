@@ -202,7 +202,7 @@ def _write_cost(cost: BlockCost, sign: float) -> str:
     except BaseException:
         _unlink_quietly(path)
         raise
-    release_memory()  # the blocks' buffers: without this the heap keeps ~0.1 GB at the 4B shape
+    release_memory()  # the blocks' buffers: glibc would keep them in the heap, at the peak
     return path
 
 

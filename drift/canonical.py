@@ -228,8 +228,8 @@ class LayerReader:
             raise CheckpointError(f"{self.ckpt.folder}: tensor {name!r} has {bad} NaN or Inf "
                                   f"value{'s' if bad > 1 else ''} (of {t.numel()})")
         if t.numel() >= 1 << 22:
-            # Let the shard's mapped pages of a large tensor go at once (they count in the
-            # process's RSS while mapped): 4B shape, 0.2 GB less at the peak of a read.
+            # Let the shard's mapped pages of a large tensor go at once: they count in the
+            # process's RSS while mapped, and would add to the peak of a read.
             self.ckpt.close()
         return t
 

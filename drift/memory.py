@@ -33,9 +33,9 @@ def release_memory() -> None:
     """Give the heap's free pages back to the system (glibc ``malloc_trim``; elsewhere nothing).
 
     drift makes and drops many buffers of a few to a few tens of MiB; glibc keeps such freed
-    chunks in the heap, so without this the process's resident size only grows (0.6B
-    benchmark: 0.76 GB peak instead of 0.6). Called between comparisons, not per tensor:
-    a fixed low mmap threshold does the same per buffer and cost 20% in page faults.
+    chunks in the heap, so without this the process's resident size only grows (by how much:
+    benchmarks/results/memory_notes.md). Called between comparisons, not per tensor: a fixed
+    low mmap threshold does the same per buffer and costs more in page faults.
     """
     if _libc():
         _libc().malloc_trim(0)
@@ -47,9 +47,10 @@ def map_large_buffers(threshold: int = 4 << 20) -> None:
 
     Process-wide, so only the CLI does it, and only for large layers: with layers of hundreds
     of MB a comparison makes and drops many buffers of 5-40 MB, which glibc's default keeps in
-    the heap, where they add to the peak. Measured at the Qwen3-4B shape (4 layers, exact,
-    default null): peak 1.43 GiB by default, 1.39 GiB with this, no slower. For small layers
-    the extra page faults cost ~10%. Linux/glibc only; elsewhere nothing happens.
+    the heap, where they add to the peak. Mapping them lowers the peak of large layers at no
+    cost in time, while for small layers the extra page faults make it slower, hence the
+    threshold (figures: benchmarks/results/memory_notes.md). Linux/glibc only; elsewhere
+    nothing happens.
     """
     if _libc():
         _libc().mallopt(-3, threshold)  # M_MMAP_THRESHOLD
@@ -57,7 +58,8 @@ def map_large_buffers(threshold: int = 4 << 20) -> None:
 
 
 LARGE_LAYER_BYTES = 256 << 20
-"""From this layer size on (Qwen3-4B: 0.4 GB in float32), analyses map large buffers."""
+"""From this layer size on (a Qwen3-4B layer is above it, a Qwen3-0.6B one far below), analyses
+map large buffers."""
 
 
 def layer_bytes(sym, itemsize: int = 4) -> int:

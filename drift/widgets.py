@@ -7,9 +7,10 @@ every figure of :mod:`drift.plots` for it.
 
 Analyses go through :mod:`drift.cache`, so a setting seen before (in this session or an
 earlier one) is served from disk; the figures of the last few settings are also kept in
-memory, so going back to one of them redraws nothing. A long analysis shows a progress bar
-and can be stopped with the notebook's interrupt button, also when a control started it:
-the cache stores a result only once it is complete, so nothing half-done is left behind.
+memory, so going back to one of them redraws nothing (the drawing, that memory and the HTML
+shown are in :mod:`drift.explorer_view`). A long analysis shows a progress bar and can be
+stopped with the notebook's interrupt button, also when a control started it: the cache
+stores a result only once it is complete, so nothing half-done is left behind.
 
 What the browser shows is kept consistent by construction: the figures are one HTML value
 (replaced whole, never appended to), the progress bar is a widget of its own, and every render
@@ -20,25 +21,24 @@ The explorer is testable without a browser: every control has a value that
 :meth:`Explorer.set` changes, :meth:`Explorer.refresh` runs synchronously, and the last
 ``result``, ``figures`` and ``from_cache`` are attributes.
 
-ipywidgets and matplotlib are imported here, never by ``import drift``.
+ipywidgets and matplotlib are imported here (matplotlib through :mod:`drift.explorer_view`),
+never by ``import drift``.
 """
 
 from __future__ import annotations
 
-import base64
-import contextlib
-import io
 import logging
 import time
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Sequence
 
 import ipywidgets as W
 
-from . import plots
 from .cache import Cache
 from .errors import DriftError
+from .explorer_view import RENDER_MEMORY, render  # noqa: F401 - importable from here, as before
+from .explorer_view import FigureMemory, done_line, figures_html, progress_bar, status_html
+from .explorer_view import esc as _esc
 from .interrupt import interruptible
 from .methods import METHODS as _REGISTRY
 from .result import AnalysisResult
@@ -48,8 +48,6 @@ log = logging.getLogger(__name__)
 METHODS = tuple(_REGISTRY)
 PAIRS = ("consecutive", "all")
 VALUES = (("ρ", "rho"), ("residual", "residual"))
-RENDER_MEMORY = 8
-"""How many settings' figures are kept in memory."""
 
 
 def available_models() -> list[str]:
@@ -133,7 +131,7 @@ class Explorer:
         self.status = ""
         self.history: list[dict[str, Any]] = []
         self.interrupted = False
-        self._renders: OrderedDict[tuple, tuple[dict, list[tuple[str, str]]]] = OrderedDict()
+        self._drawn = FigureMemory()  # the figures of the last RENDER_MEMORY views
         self._wanted_families = list(families) if families is not None else None
         self._hold = False
         self._result_digest = ""
@@ -339,7 +337,7 @@ class Explorer:
                           f"{s['method']}, {s['pairs']} pairs …", "running")
         failure: BaseException | None = None
         try:
-            with interruptible(), self._progress_bar() as progress:
+            with interruptible(), progress_bar(self._bar, self._bar_text, self.progress) as progress:
                 result, hit = self.cache.get_or_compute(
                     s["model"], layers=list(range(lo, hi + 1)), pairs=s["pairs"], method=s["method"],
                     progress=progress, **self.analyze_kwargs)
@@ -372,13 +370,7 @@ class Explorer:
         return result
 
     def _done_line(self, render_s: float) -> str:
-        s = self.settings()
-        lo, hi = s["block"]
-        where = "from the cache" if self.from_cache else "computed"
-        got = self.timing.get("result_s")
-        took = f" in {got:.2f} s" if got is not None else ""
-        return (f"<code>{_esc(s['model'])}</code>, layers {lo}–{hi}, {s['method']}, {s['pairs']} pairs: "
-                f"result {where}{took}, drawn in {render_s:.2f} s.")
+        return done_line(self.settings(), self.from_cache, self.timing.get("result_s"), render_s)
 
     def setting_tag(self) -> str:
         """The current setting as one string; renders and status lines carry it."""
@@ -387,59 +379,23 @@ class Explorer:
         fams = ",".join(self._families.value)
         return f"{s['model']}|{lo}-{hi}|{s['method']}|{s['pairs']}|{s['value']}|{fams}"
 
-    @contextlib.contextmanager
-    def _progress_bar(self):
-        """A progress function for ``analyze`` that moves the explorer's own bar."""
-        bar, text = self._bar, self._bar_text
-
-        def progress(done: int, total: int) -> None:
-            bar.max, bar.value = max(total, 1), done
-            text.value = f"{done}/{total} pairs"
-
-        bar.value, text.value = 0, ""
-        bar.layout.visibility = "visible" if self.progress else "hidden"
-        try:
-            yield progress if self.progress else False
-        finally:
-            bar.layout.visibility = "hidden"
-            text.value = ""
-
     def _render_and_show(self) -> float:
         """Draw (or recall) the figures of the current result and view; return the seconds."""
         t0 = time.perf_counter()
         fams = tuple(self._families.value) or tuple(self.result.families)
-        key = (self._result_digest, fams, self._value.value)
-        if key in self._renders:
-            self._renders.move_to_end(key)
-            figures, pngs = self._renders[key]
-        else:
-            figures = render(self.result, families=list(fams), value=self._value.value)
-            pngs = [(name, base64.b64encode(_png(f, self.dpi)).decode()) for name, f in figures.items()]
-            self._renders[key] = (figures, pngs)
-            while len(self._renders) > RENDER_MEMORY:
-                self._renders.popitem(last=False)
-        self.figures = figures
+        self.figures, pngs = self._drawn.recall(self.result, self._result_digest, fams,
+                                                self._value.value, self.dpi)
         self._show(pngs)
         return time.perf_counter() - t0
 
     def _show(self, pngs: list[tuple[str, str]]) -> None:
         """Replace the figures (base64 PNGs) in one assignment, tagged with the setting they show."""
         self.shown_setting = self.setting_tag()
-        tag = _esc(self.shown_setting)
-        s = self.settings()
-        lo, hi = s["block"]
-        caption = (f'<div class="drift-caption" style="margin:4px 0">Figures of <code>{_esc(s["model"])}</code>, '
-                   f'layers {lo}–{hi}, {s["method"]}, {s["pairs"]} pairs.</div>')
-        imgs = "".join(
-            f'<img class="drift-figure" alt="{name}" data-drift-setting="{tag}" style="max-width:100%" '
-            f'src="data:image/png;base64,{png}"><br>' for name, png in pngs)
-        self.output.value = (f'<div class="drift-render" data-drift-setting="{tag}" '
-                             f'data-drift-request="{self._requests}">{caption}{imgs}</div>')
+        self.output.value = figures_html(pngs, self.shown_setting, self.settings(), self._requests)
 
     def _show_status(self, html: str, state: str = "done") -> None:
         self.status = html
-        self._status.value = (f'<span class="drift-state" data-drift-setting="{_esc(self.setting_tag())}" '
-                              f'data-drift-state="{state}">{html}</span>')
+        self._status.value = status_html(html, self.setting_tag(), state)
 
 
 def _labelled(name: str, control: W.Widget) -> W.HBox:
@@ -450,48 +406,10 @@ def _labelled(name: str, control: W.Widget) -> W.HBox:
     return W.HBox([label, control])
 
 
-def render(result: AnalysisResult, families: Sequence[str] | None = None,
-           value: str = "rho") -> dict[str, Any]:
-    """The explorer's figures for ``result``, as pyplot-free Figures (nothing is displayed):
-    ``ranking``, ``drift_along`` (ρ and residual vs null, when the result has
-    consecutive pairs, one above the other) and ``heatmaps`` (a grid of the families)."""
-    from matplotlib.figure import Figure
-
-    fams = list(families) if families else result.families
-    out: dict[str, Any] = {}
-    fig = Figure(figsize=(7.5, 0.38 * len(fams) + 1.8), layout="constrained")
-    plots.ranking(result, ax=fig.subplots(), families=fams)
-    out["ranking"] = fig
-    if not result.consecutive().df.empty:
-        # One above the other: side by side, the figure is scaled down to the notebook's
-        # width and the legends become unreadable.
-        fig = Figure(figsize=(9, 8.4), layout="constrained")
-        a1, a2 = fig.subplots(2, 1)
-        plots.drift_along(result, families=fams, ax=a1)
-        plots.drift_along(result, families=fams, ax=a2, value="residual")
-        out["drift_along"] = fig
-    fig = Figure()
-    plots.heatmap_grid(result, families=fams, value=value, fig=fig)
-    out["heatmaps"] = fig
-    return out
-
-
-def _png(fig: Any, dpi: int) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
-    return buf.getvalue()
-
-
 def _choice(v: str, allowed: Sequence[str], what: str) -> str:
     if v not in allowed:
         raise ValueError(f"{what} must be one of {', '.join(allowed)}, got {v!r}")
     return v
-
-
-def _esc(x: Any) -> str:
-    import html
-
-    return html.escape(str(x))
 
 
 __all__ = ["Explorer", "available_models", "render"]

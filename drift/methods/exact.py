@@ -77,7 +77,7 @@ def exact_form(layer: CanonicalLayer, consume: bool = False) -> Form:
 
     ``consume=True`` gives the layer up: its weight matrices are released as soon as they
     are folded (the layer is left with ``None`` in their place), so that making a form needs
-    about one layer of memory instead of two (4B shape: 0.4 GB each)."""
+    about one layer of memory instead of two."""
     s = layer.sym
     r, rd = s.group_size, s.rotary_dims
     W_down = layer.W_down

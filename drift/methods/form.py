@@ -57,7 +57,8 @@ class Form:
 
         ``lazy_mlp``: leave G, U and D as they are and record R in ``mlp_rot``; the MLP code
         of ``exact`` (:func:`mlp_rows`, :func:`mlp_down_cols`) rotates the blocks of units it
-        reads, so the null holds no rotated copy of the largest matrices (4B: 0.3 GB)."""
+        reads, so the null holds no rotated copy of the largest matrices (measured saving:
+        benchmarks/results/memory_notes.md)."""
         if self.mlp_rot is not None:
             raise ValueError("this form already carries a lazy residual rotation")
         H = self.H
