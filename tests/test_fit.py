@@ -38,14 +38,17 @@ def _rel(x: torch.Tensor, y: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("name", SUPPORTED)
 def test_fit_recovers_a_planted_gauge(name, models):
+    # several planted gauges: a fit whose compact part were fitted in other coordinates than
+    # the canonicaliser's (an SVD sign chosen differently) fails on some seeds, not all
     _, reader = models(name)
     B = reader.read(1)
-    A, _ = gauge.random_gauge(B, seed=3)
-    out = fit(A, B).apply(A)
-    worst = {n: _rel(t, dict(B.tensors())[n]) for n, t in out.tensors()}
-    assert max(worst.values()) < 1e-5, worst
-    for role, (g, _) in B.norms.items():
-        assert _rel(out.norms[role][0], g) < 1e-5, role
+    for seed in range(6):
+        A, _ = gauge.random_gauge(B, seed=seed)
+        out = fit(A, B).apply(A)
+        worst = {n: _rel(t, dict(B.tensors())[n]) for n, t in out.tensors()}
+        assert max(worst.values()) < 1e-9, (seed, worst)
+        for role, (g, _) in B.norms.items():
+            assert _rel(out.norms[role][0], g) < 1e-9, (seed, role)
 
 
 @pytest.mark.parametrize("name", SUPPORTED)

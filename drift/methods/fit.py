@@ -40,8 +40,8 @@ from .. import gauge
 from ..align import gl_balancer
 from ..assign import lap
 from ..canonical import CanonicalLayer, LayerSymmetry
-from .exact import ExactComparison, _fold, exact_form
-from .form import EPS, _complex_pairs, _group_stack, pair_gain_trade, qk_pair_scale
+from .exact import ExactComparison, _fold
+from .form import EPS, Form, _complex_pairs, _group_stack, _norm_gains, _unit, pair_gain_trade, qk_pair_scale
 
 Tensor = torch.Tensor
 Transform = Callable[[CanonicalLayer], CanonicalLayer]
@@ -80,13 +80,18 @@ class Canonicaliser:
 
     @classmethod
     def of(cls, layer: CanonicalLayer) -> "Canonicaliser":
+        return cls.made(layer)[0]
+
+    @classmethod
+    def made(cls, layer: CanonicalLayer) -> tuple["Canonicaliser", CanonicalLayer]:
+        """The canonicaliser of ``layer`` and the canonical layer it makes (float64)."""
         c = cls()
         L = layer.map(lambda t: t.double())
         for stage in (_gain_steps, _mean_steps, _bias_steps, _output_steps, _qk_steps, _vo_glu_steps):
             for step in stage(L):  # each stage reads the layer as the previous stages left it
                 c.steps.append(step)
                 L = step.forward(L)
-        return c
+        return c, L
 
 
 def _gain_steps(L: CanonicalLayer) -> list[Step]:
@@ -240,15 +245,27 @@ class ExactAlignment:
         return self.b.undo(L)
 
 
+def _balanced_form(C: CanonicalLayer) -> Form:
+    """The exact form of a layer its canonicaliser has already balanced: the fold and the
+    unit normalisation only. The compact part is then fitted in the canonicaliser's own
+    coordinates; balancing again (as :func:`exact_form` does) could choose other signs of
+    the SVD it balances with, and the fit would not compose with the canonicaliser."""
+    f = _fold(C)
+    gains, pair_gains = _norm_gains(C, exact=True)
+    unit = {k: None if v is None else _unit(v) for k, v in f.items()}
+    return Form(sym=C.sym, H=C.sym.d_model, Q=unit["Q"], K=unit["K"], V=unit["V"], O=unit["O"], U=unit["U"],
+                D=unit["D"], G=unit["G"], gains=gains, pair_gains=pair_gains)
+
+
 def fit(layer_a: CanonicalLayer, layer_b: CanonicalLayer) -> ExactAlignment:
     """The exact method's alignment of layer A onto layer B, fitted in float64."""
-    fa, fb = (exact_form(L.map(lambda t: t.double())) for L in (layer_a, layer_b))
-    c = ExactComparison(fa, fb)
+    (ca, A), (cb, B) = Canonicaliser.made(layer_a), Canonicaliser.made(layer_b)
+    c = ExactComparison(_balanced_form(A), _balanced_form(B))
     sigma = lap(c.assignment, maximize=True)
     c.prepare()
     c.finish(sigma)
     sign = c.mlp_sign if layer_a.sym.is_glu else np.ones(len(sigma))
     rec = c.record
-    return ExactAlignment(Canonicaliser.of(layer_a), Canonicaliser.of(layer_b), np.asarray(c.head_perm),
+    return ExactAlignment(ca, cb, np.asarray(c.head_perm),
                           rec.get("qk_phase"), rec.get("qk_rotation"), rec["vo_rotation"],
                           np.asarray(sigma), np.asarray(sign))
