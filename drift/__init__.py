@@ -9,14 +9,15 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from .errors import (CheckpointError, DriftError, LayerIndexError, MissingTensorError,
-                     ConfigError, ModelNotFoundError, UnsupportedArchitectureError)
+                     ConfigError, ModelMismatchError, ModelNotFoundError, UnsupportedArchitectureError)
 from .checkpoint import Checkpoint, resolve_model
 from .canonical import CanonicalLayer, LayerReader, LayerSymmetry, open_layers
 from .result import AnalysisResult
 
 __all__ = [
     "__version__", "DriftError", "CheckpointError", "LayerIndexError", "MissingTensorError",
-    "ConfigError", "ModelNotFoundError", "UnsupportedArchitectureError", "Checkpoint", "resolve_model",
+    "ConfigError", "ModelMismatchError", "ModelNotFoundError", "UnsupportedArchitectureError",
+    "Checkpoint", "resolve_model",
     "CanonicalLayer", "LayerReader", "LayerSymmetry", "open_layers", "AnalysisResult",
     "analyze",
 ]

@@ -1,5 +1,9 @@
 """``drift.analyze``: per-family drift between layer pairs, with a null and rho.
 
+Pairs are layers of one model, or, with ``other``, layer i of model A against layer j of a
+model B of the same architecture and layer shapes (a fine-tune against its base, two
+revisions, two seeds): the same methods, null, result and cache either way.
+
 What is computed lives elsewhere: the methods (:mod:`drift.methods`), the null
 (:mod:`drift.null`), the scheduling of comparisons (:mod:`drift.schedule`) and the memory
 policy (:mod:`drift.memory`). This module checks the arguments, wires those together and
@@ -16,7 +20,7 @@ import torch
 
 from . import __version__, families, memory, methods, schedule
 from .canonical import LayerReader, open_layers
-from .errors import DriftError, LayerIndexError
+from .errors import DriftError, LayerIndexError, ModelMismatchError
 from .null import NullDraws, check_seed
 from .result import AnalysisResult
 
@@ -44,13 +48,61 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return dev
 
 
-def layer_pairs(layers: Sequence[int], pairs: str) -> list[tuple[int, int]]:
-    """``consecutive``: (L_k, L_{k+1}) along ``layers``; ``all``: every i < j."""
+PAIRS = {False: ("consecutive", "all"), True: ("diagonal", "all")}
+"""The ``pairs`` choices of one model (False) and of a model against ``other`` (True); the first is the default."""
+
+
+def default_pairs(pairs: str | None, cross: bool) -> str:
+    """``pairs``, or when None the default: ``consecutive`` for one model, ``diagonal`` for two."""
+    return PAIRS[cross][0] if pairs is None else pairs
+
+
+def layer_pairs(layers: Sequence[int], pairs: str, cross: bool = False) -> list[tuple[int, int]]:
+    """The (layer_a, layer_b) pairs along ``layers``.
+
+    One model: ``consecutive``: (L_k, L_{k+1}); ``all``: every i < j. A model against another
+    (``cross``): ``diagonal``: (L, L); ``all``: every (i, j), i of A, j of B, both in ``layers``.
+    """
+    if pairs not in PAIRS[cross]:
+        one, two = (f"'{a}' or '{b}'" for a, b in (PAIRS[False], PAIRS[True]))
+        if pairs in PAIRS[not cross]:
+            raise DriftError(f"pairs={pairs!r} needs other= (layer i of model against layer i of other)"
+                             if not cross else
+                             f"pairs={pairs!r} compares layers of one model; with other= pairs must be {two}")
+        raise DriftError(f"pairs must be {two if cross else one}, not {pairs!r}")
     if pairs == "consecutive":
         return list(zip(layers[:-1], layers[1:]))
-    if pairs == "all":
-        return list(itertools.combinations(layers, 2))
-    raise DriftError(f"pairs must be 'consecutive' or 'all', not {pairs!r}")
+    if pairs == "diagonal":
+        return [(L, L) for L in layers]
+    if cross:
+        return list(itertools.product(layers, layers))
+    return list(itertools.combinations(layers, 2))
+
+
+MATCHED_FIELDS = ("n_layers", "d_model", "n_heads", "n_kv_heads", "d_head", "d_ff", "rope", "rotary_dims",
+                  "rope_theta", "qk_norm", "norm_kind", "mlp_kind", "activation", "post_norms", "post_ln")
+"""What two models must share, besides the architecture, to be compared layer by layer: the
+shapes and every field that decides a layer's exact gauge group (:class:`LayerSymmetry`)."""
+
+
+def check_comparable(a: LayerReader, b: LayerReader, name_a: str, name_b: str) -> None:
+    """Refuse two models whose layers cannot be compared with one gauge group.
+
+    Raises:
+        ModelMismatchError: a different architecture, or the fields of :data:`MATCHED_FIELDS`
+            that differ, each with both values, in one line.
+    """
+    if a.sym.arch != b.sym.arch:
+        raise ModelMismatchError(f"cannot compare {name_a} with {name_b}: architecture differs "
+                                 f"({a.sym.arch} vs {b.sym.arch})")
+
+    def value(r: LayerReader, f: str):
+        return r.n_layers if f == "n_layers" else getattr(r.sym, f)
+
+    diff = [f"{f} {value(a, f)!r} vs {value(b, f)!r}" for f in MATCHED_FIELDS if value(a, f) != value(b, f)]
+    if diff:
+        raise ModelMismatchError(f"cannot compare {name_a} with {name_b} ({a.sym.arch}): "
+                                 f"{', '.join(diff)}")
 
 
 class _CallbackBar:
@@ -68,17 +120,20 @@ class _CallbackBar:
         pass
 
 
-def analyze(model: str | LayerReader, layers: Iterable[int] | None = None, pairs: str = "consecutive",
+def analyze(model: str | LayerReader, layers: Iterable[int] | None = None, pairs: str | None = None,
             method: str = "exact", seed: int = 0, n_null: int = 1, dtype: str | torch.dtype = "float32",
             device: str | torch.device = "auto", progress: bool | Callable[[int, int], None] = True,
-            form_budget: int = FORM_BUDGET) -> AnalysisResult:
-    """Drift between pairs of layers of ``model``, per weight family.
+            form_budget: int = FORM_BUDGET, other: str | LayerReader | None = None) -> AnalysisResult:
+    """Drift between pairs of layers of ``model`` (or of ``model`` and ``other``), per weight family.
 
     Args:
-        model: a local checkpoint folder, a repo id in the local HF cache, ``"minilm"``, or an
-            open :class:`LayerReader`.
+        model: a local checkpoint folder, a repo id in the local HF cache (``org/name`` or
+            ``org/name@revision``), ``"minilm"``, or an open :class:`LayerReader`.
         layers: the layers to compare (default: all). Pairs are formed along this order.
-        pairs: ``"consecutive"`` (the reference script's view) or ``"all"`` (for heatmaps).
+        pairs: one model: ``"consecutive"`` (default; the reference script's view) or ``"all"``
+            (for heatmaps). With ``other``: ``"diagonal"`` (default; layer i of ``model``
+            against layer i of ``other``) or ``"all"`` (every i of ``model`` against every j
+            of ``other``, both among ``layers``).
         method: ``"exact"`` (remove exactly the model's symmetry group; default),
             ``"rotation"`` (the reference's per-head O(d_head) and O(d_ff) rotations, orientation
             corrected; approximate, not a symmetry) or ``"raw"`` (no alignment).
@@ -91,70 +146,114 @@ def analyze(model: str | LayerReader, layers: Iterable[int] | None = None, pairs
             with the number of pairs finished (the explorer draws its own bar with it).
         form_budget: bytes of layer forms to keep in host memory at once (always at least
             two forms). Below ``n_layers`` forms, all-pairs runs make some forms more than once.
+        other: a second model (same kinds as ``model``) of the same architecture and layer
+            shapes: ``layer_a`` is then a layer of ``model``, ``layer_b`` a layer of ``other``,
+            and the null partner is ``other``'s layer with its residual stream rotated. The
+            same model twice is allowed (its diagonal is 0).
 
     Returns:
         An :class:`AnalysisResult`: one row per (family, pair) with ``residual`` (unit-normalised
         Frobenius distance after alignment), ``null`` (the same method against layer_b with its
         residual stream randomly rotated, or its gain entries shuffled), ``rho = residual / null``.
+        With ``other``, ``meta["other"]`` holds its name and checkpoint identity.
 
     Raises:
-        DriftError: bad method/pairs/device, a layer out of range, fewer than two layers,
-            or any checkpoint problem (see :mod:`drift.errors`).
+        ModelMismatchError: ``other`` has another architecture, depth or layer shapes.
+        DriftError: bad method/pairs/device, a layer out of range, fewer than two layers (one
+            model), or any checkpoint problem (see :mod:`drift.errors`).
     """
     m = methods.get(method)
     if isinstance(n_null, bool) or not isinstance(n_null, int) or n_null < 0:
         raise DriftError(f"n_null must be an integer, 0 (no null) or more, not {n_null!r}")
     seed = check_seed(seed)
     tdtype = _dtype(dtype)
-    reader = model if isinstance(model, LayerReader) else open_layers(str(model), tdtype)
+    cross = other is not None
+    pairs = default_pairs(pairs, cross)
+    layer_pairs([], pairs, cross)  # a bad choice is named before any checkpoint is opened
+    readers, names = _readers(model, other, tdtype)  # form key (k, L): layer L of readers[k]
+    reader = readers[0]
     dev = resolve_device(device)
-    layers = _layers(layers, reader.n_layers)
-    plist = layer_pairs(layers, pairs)
+    layers = _layers(layers, reader.n_layers, minimum=1 if cross else 2)
+    plist = layer_pairs(layers, pairs, cross)
+    keys = [((0, a), (1 if cross else 0, b)) for a, b in plist]  # the store's pairs
     sym = reader.sym
     memory.for_layers(sym, torch.empty((), dtype=tdtype).element_size())
 
     # Layers are read in pair order; a form is dropped once every comparison using it is done.
     budget = form_budget if dev.type == "cpu" else float("inf")
     store = schedule.FormStore(
-        lambda L: m.form(reader.read(L).map(lambda t: t.to(device=dev, dtype=tdtype)), consume=True),
-        plist, budget)
+        lambda key: m.form(readers[key[0]].read(key[1]).map(lambda t: t.to(device=dev, dtype=tdtype)),
+                           consume=True),
+        keys, budget)
     draws = NullDraws(sym.d_model, n_null, seed, tdtype, dev)
-    shuffles: dict[int, torch.Generator] = {}  # pair -> its gain-shuffle generator, while in use
-    obs: dict[int, dict[str, float]] = {}
-    null_sum: dict[int, dict[str, float]] = {}
-    left = {k: 1 + n_null for k in range(len(plist))}  # comparisons not yet finished, per pair
-    bar = _progress_bar(progress, len(plist), method)
+    tally = _Tally(len(plist), n_null, _progress_bar(progress, len(plist), method))
 
     def start(task: schedule.Task) -> methods.Comparison:
-        a, b = plist[task.pair]
+        a, b = keys[task.pair]
         fa, fb = store.get(a), store.get(b)
         if task.draw:
-            gen = shuffles.setdefault(task.pair, draws.gains_generator(task.pair))
-            fb = m.null_partner(fb, draws.rotation(task.draw - 1), gen)
+            fb = m.null_partner(fb, draws.rotation(task.draw - 1), tally.shuffle(task.pair, draws))
         return m.compare(fa, fb)
-
-    def done(task: schedule.Task, values: dict[str, float]) -> None:
-        k = task.pair
-        if task.draw == 0:
-            obs[k] = values
-        else:
-            acc = null_sum.setdefault(k, {})
-            for f, v in values.items():
-                acc[f] = acc.get(f, 0.0) + v / n_null
-        left[k] -= 1
-        if left[k] == 0:
-            bar.update(1)
-            shuffles.pop(k, None)
-        memory.release_memory()
 
     tasks = schedule.plan(len(plist), n_null)
     with schedule.executor_for(m.assigns, sym.d_ff, len(tasks), dev) as executor:
-        schedule.run(tasks, start, executor, store, done)
-    bar.close()
-    reader.ckpt.close()
-    name = str(model if not isinstance(model, LayerReader) else reader.ckpt.name)
-    return _result(name, reader, m, plist, obs, null_sum,
-                   dict(pairs=pairs, layers=layers, seed=seed, n_null=n_null, dtype=tdtype, device=dev))
+        schedule.run(tasks, start, executor, store, tally.done)
+    tally.bar.close()
+    for r in readers:
+        r.ckpt.close()
+    result = _result(names[0], reader, m, plist, tally.obs, tally.null_sum,
+                     dict(pairs=pairs, layers=layers, seed=seed, n_null=n_null, dtype=tdtype, device=dev))
+    if cross:
+        result.meta["other"] = dict(model=names[1], identity=readers[1].ckpt.identity())
+    return result
+
+
+class _Tally:
+    """The comparisons' values as they arrive: observed per pair, the null's mean over its
+    draws; a pair's bar step and gain-shuffle generator end with its last comparison."""
+
+    def __init__(self, n_pairs: int, n_null: int, bar):
+        self.n_null, self.bar = n_null, bar
+        self.obs: dict[int, dict[str, float]] = {}
+        self.null_sum: dict[int, dict[str, float]] = {}
+        self.left = {k: 1 + n_null for k in range(n_pairs)}  # comparisons not yet finished, per pair
+        self.shuffles: dict[int, torch.Generator] = {}  # pair -> its gain-shuffle generator, while in use
+
+    def shuffle(self, pair: int, draws: NullDraws) -> torch.Generator:
+        return self.shuffles.setdefault(pair, draws.gains_generator(pair))
+
+    def done(self, task: schedule.Task, values: dict[str, float]) -> None:
+        k = task.pair
+        if task.draw == 0:
+            self.obs[k] = values
+        else:
+            acc = self.null_sum.setdefault(k, {})
+            for f, v in values.items():
+                acc[f] = acc.get(f, 0.0) + v / self.n_null
+        self.left[k] -= 1
+        if self.left[k] == 0:
+            self.bar.update(1)
+            self.shuffles.pop(k, None)
+        memory.release_memory()
+
+
+def _readers(model, other, dtype: torch.dtype) -> tuple[list[LayerReader], list[str]]:
+    """The model's reader (and ``other``'s, checked comparable), and their names."""
+    readers = [_open(model, dtype)]
+    names = [_name(model, readers[0])]
+    if other is not None:
+        readers.append(_open(other, dtype))
+        names.append(_name(other, readers[1]))
+        check_comparable(readers[0], readers[1], *names)
+    return readers, names
+
+
+def _open(model: str | LayerReader, dtype: torch.dtype) -> LayerReader:
+    return model if isinstance(model, LayerReader) else open_layers(str(model), dtype)
+
+
+def _name(model: str | LayerReader, reader: LayerReader) -> str:
+    return str(model if not isinstance(model, LayerReader) else reader.ckpt.name)
 
 
 def _dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -164,7 +263,7 @@ def _dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[name]
 
 
-def _layers(layers: Iterable[int] | None, n_layers: int) -> list[int]:
+def _layers(layers: Iterable[int] | None, n_layers: int, minimum: int = 2) -> list[int]:
     if layers is None:
         return list(range(n_layers))
     out = []
@@ -176,8 +275,8 @@ def _layers(layers: Iterable[int] | None, n_layers: int) -> list[int]:
             raise LayerIndexError(f"layer {L} is out of range: the model has {n_layers} layers "
                                   f"(0..{n_layers - 1})")
         out.append(L)
-    if len(out) < 2:
-        raise DriftError(f"need at least two layers to compare, got {out}")
+    if len(out) < minimum:
+        raise DriftError(f"need at least {'two layers' if minimum == 2 else 'one layer'} to compare, got {out}")
     return out
 
 

@@ -5,12 +5,15 @@ decides the numbers::
 
     checkpoint identity   folder + size and mtime of every weight file (Checkpoint.identity)
     checkpoint config     SHA-256 of the parsed config.json: editing it changes the model
+    other's identity      the same two, under ``other``, for a cross-model analysis
+                          (``analyze(model, other=...)``); absent for one model
     analyze's arguments   method, layers, pairs, seed, n_null, dtype, ... (all of them, with
                           their defaults filled in), except those that cannot change the
                           numbers' meaning: ``progress`` and ``device``. They are normalised
                           first, so equal requests share one entry: ``layers`` as any iterable
                           of integers (generator, range, numpy array) is a list of ints,
-                          ``dtype`` "fp32" or torch.float32 is "float32"
+                          ``dtype`` "fp32" or torch.float32 is "float32", ``pairs`` None
+                          is the default it stands for
     drift version         a new release never serves an old release's numbers
     drift code digest     SHA-256 of the package's numerical source files, so that editing
                           the analysis in a development checkout (same version) does not
@@ -57,8 +60,11 @@ log = logging.getLogger(__name__)
 FORMAT = 1
 """Version of the entry layout; bump when it changes."""
 
-NOT_IN_KEY = frozenset({"model", "progress", "device"})
-"""analyze() arguments that are not part of the key (``model`` enters as its identity)."""
+NOT_IN_KEY = frozenset({"model", "other", "progress", "device", "form_budget"})
+"""analyze() arguments that are not part of the key: ``model`` and ``other`` enter as their
+identity; the others change how the work is done, not its numbers (the form budget only
+decides how many layer forms are held at once; tests/test_schedule.py: pipelined ==
+sequential)."""
 
 STALE_TMP_S = 3600.0
 """Temporary files older than this are left-overs of interrupted writes and are removed."""
@@ -111,7 +117,7 @@ def _why(e: BaseException) -> str:
     return getattr(e, "strerror", None) or str(e) or type(e).__name__
 
 
-VIEW_MODULES = frozenset({"widgets.py", "cache.py", "interrupt.py"})
+VIEW_MODULES = frozenset({"widgets.py", "explorer_view.py", "cache.py", "interrupt.py"})
 VIEW_PACKAGES = frozenset({"plots"})
 """Source files and subpackages of drift that cannot change a result (left out of the code digest)."""
 
@@ -196,14 +202,24 @@ class Cache:
         args = {k: _jsonable(v) for k, v in bound.arguments.items() if k not in NOT_IN_KEY}
         if "dtype" in args:
             args["dtype"] = _dtype_name(args["dtype"])
-        model = bound.args[0]  # analyze's first argument is the model
-        if isinstance(model, (str, os.PathLike)):
-            ckpt = Checkpoint.open(model)
-        else:  # an open Checkpoint, or a LayerReader over one
-            ckpt = getattr(model, "ckpt", model)
-        return {"format": FORMAT, "identity": ckpt.identity(),
-                "config": _checksum(getattr(ckpt, "config", None)), "args": args,
-                "drift": __version__, "code": code_digest()}
+        other = bound.arguments.get("other")
+        if "pairs" in args and args["pairs"] is None:
+            from .analysis import default_pairs
+
+            args["pairs"] = default_pairs(None, other is not None)
+
+        def checkpoint(model: Any) -> dict[str, str]:
+            if isinstance(model, (str, os.PathLike)):
+                ckpt = Checkpoint.open(model)
+            else:  # an open Checkpoint, or a LayerReader over one
+                ckpt = getattr(model, "ckpt", model)
+            return {"identity": ckpt.identity(), "config": _checksum(getattr(ckpt, "config", None))}
+
+        key = {"format": FORMAT, **checkpoint(bound.args[0]),  # analyze's first argument is the model
+               "args": args, "drift": __version__, "code": code_digest()}
+        if other is not None:
+            key["other"] = checkpoint(other)
+        return key
 
     @staticmethod
     def digest(key: dict[str, Any]) -> str:

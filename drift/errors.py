@@ -30,3 +30,8 @@ class UnsupportedArchitectureError(DriftError):
 
 class LayerIndexError(DriftError, IndexError):
     """A layer index outside ``[0, n_layers)``."""
+
+
+class ModelMismatchError(DriftError):
+    """Two models that cannot be compared layer by layer: a different architecture, or a
+    field that decides a layer's shapes or gauge group (the message names it)."""

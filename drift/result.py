@@ -4,6 +4,7 @@ Every row is one (family, layer pair)::
 
     family     canonical family name (``q_proj`` ... ``down_proj``, ``input_ln`` ..., ``qk_circuit``)
     layer_a, layer_b
+               (cross-model, ``meta["other"]`` set: layer_a of the model, layer_b of the other)
     residual   Frobenius distance after alignment, both sides normalised to unit norm
                (0 = identical up to the removed gauge; sqrt(2) = orthogonal, nothing fitted)
     null       the same method's residual against a structure-preserving unrelated partner
@@ -11,7 +12,9 @@ Every row is one (family, layer pair)::
     rho        residual / null: ~0 identical up to gauge, ~1 as different as unrelated weights
     invariant  True when the family's number is invariant under the model's exact symmetries
                (False for raw norm-gain vectors and for every family under ``rotation``)
-    kind       "weight" | "circuit" | "norm"
+    kind       "weight" | "circuit" | "norm" | "activation"
+    space      "weights" (every :func:`drift.analyze` row; the default when a table lacks the
+               column) | "activations" (:func:`drift.function.activation_similarity`)
 
 Results are data; :mod:`drift.plots` only draws them.
 """
@@ -30,6 +33,9 @@ if TYPE_CHECKING:
 
 COLUMNS = ["family", "layer_a", "layer_b", "residual", "null", "rho", "invariant", "kind"]
 
+OPTIONAL_COLUMNS = {"space": "weights"}
+"""Columns a table may lack, and the value they then take in every row."""
+
 
 @dataclass
 class AnalysisResult:
@@ -42,6 +48,9 @@ class AnalysisResult:
         missing = [c for c in COLUMNS if c not in self.df.columns]
         if missing:
             raise ValueError(f"result table lacks columns {missing}")
+        absent = {c: v for c, v in OPTIONAL_COLUMNS.items() if c not in self.df.columns}
+        if absent:
+            self.df = self.df.assign(**absent)
 
     # ------------------------------------------------------------------ views
     @property
@@ -58,6 +67,16 @@ class AnalysisResult:
         """Layer pairs in analysis order."""
         p = self.df[["layer_a", "layer_b"]].drop_duplicates()
         return [(int(a), int(b)) for a, b in p.itertuples(index=False)]
+
+    @property
+    def cross_model(self) -> bool:
+        """Does the table compare layers of two models (``analyze(model, other=...)``)?"""
+        return bool(self.meta.get("other"))
+
+    def diagonal(self) -> "AnalysisResult":
+        """Only the rows with layer_a == layer_b (of a cross-model result: layer L of both models)."""
+        df = self.df[self.df["layer_b"] == self.df["layer_a"]].reset_index(drop=True)
+        return AnalysisResult(df, {**self.meta, "pairs": "diagonal"})
 
     def consecutive(self) -> "AnalysisResult":
         """Only the rows with layer_b == layer_a + 1."""
@@ -76,11 +95,19 @@ class AnalysisResult:
         return out.sort_values("mean")
 
     def matrix(self, family: str, value: str = "rho") -> pd.DataFrame:
-        """Layer x layer table of ``value`` for one family (symmetric; NaN where not computed)."""
+        """Layer x layer table of ``value`` for one family (symmetric; NaN where not computed).
+
+        Of a cross-model result: layers of the model (rows) x layers of the other model
+        (columns), as computed: not symmetric, and the diagonal is measured, not 0."""
         d = self.df[self.df["family"] == family]
         layers = sorted(set(d["layer_a"]) | set(d["layer_b"]))
         import pandas as pd
 
+        if self.cross_model:
+            m = pd.DataFrame(np.nan, index=sorted(set(d["layer_a"])), columns=sorted(set(d["layer_b"])))
+            for a, b, v in d[["layer_a", "layer_b", value]].itertuples(index=False):
+                m.loc[a, b] = v
+            return m
         m = pd.DataFrame(np.nan, index=layers, columns=layers)
         for a, b, v in d[["layer_a", "layer_b", value]].itertuples(index=False):
             m.loc[a, b] = v
@@ -116,7 +143,7 @@ class AnalysisResult:
             "normalized": layout("rho"),
             "pairs_list": [list(p) for p in pairs],
             "invariant": {f: bool(self.df[self.df["family"] == f]["invariant"].all()) for f in fams},
-            "rows": json.loads(self.df[COLUMNS].to_json(orient="records")),
+            "rows": json.loads(self.df[COLUMNS + list(OPTIONAL_COLUMNS)].to_json(orient="records")),
             **{k: v for k, v in self.meta.items() if k not in ("model",)},
         }
 
@@ -129,7 +156,8 @@ class AnalysisResult:
     def from_json_dict(cls, d: dict[str, Any]) -> "AnalysisResult":
         import pandas as pd
 
-        df = pd.DataFrame.from_records(d["rows"], columns=COLUMNS)
+        extra = [c for c in OPTIONAL_COLUMNS if any(c in r for r in d["rows"])]
+        df = pd.DataFrame.from_records(d["rows"], columns=COLUMNS + extra)
         skip = {"family_residuals", "null_residuals", "normalized", "pairs_list", "invariant", "rows",
                 "block_start", "block_end"}
         meta = {k: v for k, v in d.items() if k not in skip}

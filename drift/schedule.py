@@ -2,7 +2,11 @@
 and executors for the large assignments.
 
 The plan is every layer pair times (the observed comparison + ``n_null`` null draws), in pair
-order. :func:`run` turns each task into a :class:`~drift.methods.Comparison`, hands its
+order. A pair names its two layers by *form key*: :func:`drift.analyze` uses ``(model, layer)``
+(model 0, or 1 for the ``other`` model of a cross-model run), so that layer 3 of A and layer 3
+of B are two forms; the store and the scheduler only hash and compare keys.
+
+:func:`run` turns each task into a :class:`~drift.methods.Comparison`, hands its
 assignment (if any) to the executor, does the comparison's ``prepare()`` here while the
 executor solves, and its ``finish(answer)`` once the answer is back, with at most
 ``executor.width`` tasks in flight. Each comparison does the same arithmetic whatever the
@@ -18,7 +22,7 @@ from __future__ import annotations
 from collections import Counter, deque
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Hashable, Sequence
 
 import torch
 
@@ -37,17 +41,17 @@ def plan(n_pairs: int, n_null: int) -> list[Task]:
 
 
 class FormStore:
-    """Layer forms made on demand by ``make(L)``, held within ``budget`` bytes where the pair
+    """Layer forms made on demand by ``make(key)``, held within ``budget`` bytes where the pair
     order allows (never fewer than the two a comparison needs): before a pair needs a new form,
     the scheduler finishes comparisons in flight, then forms the pair does not use are dropped
     (and made again if a later pair needs them). A form is dropped as soon as every pair that
     uses it is finished. ``peak``: the most forms held at once; ``made``: forms made."""
 
-    def __init__(self, make: Callable[[int], object], pairs: Sequence[tuple[int, int]],
+    def __init__(self, make: Callable[[Hashable], object], pairs: Sequence[tuple[Hashable, Hashable]],
                  budget: float = float("inf")):
         self._make, self.pairs, self.budget = make, list(pairs), budget
-        self.forms: dict[int, object] = {}
-        self._uses: dict[int, set[int]] = {}  # layer -> the pairs that use it
+        self.forms: dict[Hashable, object] = {}
+        self._uses: dict[Hashable, set[int]] = {}  # form key -> the pairs that use it
         for k, pair in enumerate(self.pairs):
             for L in pair:
                 self._uses.setdefault(L, set()).add(k)
@@ -55,7 +59,7 @@ class FormStore:
         self.form_bytes = 0  # one form's size, once one is made
         self.peak = self.made = 0
 
-    def get(self, L: int):
+    def get(self, L: Hashable):
         if L not in self.forms:
             self.forms[L] = self._make(L)
             self.made += 1

@@ -71,6 +71,12 @@ def test_defaults_progress_and_device_do_not_split_the_key(cache, fake, ckpt):
     assert fake.calls == 1
 
 
+def test_the_form_budget_does_not_split_the_key(tmp_path, ckpt):
+    real = Cache(tmp_path / "cache")  # analyze's own signature, nothing computed
+    assert real.key(ckpt) == real.key(ckpt, form_budget=1) == real.key(ckpt, form_budget=10**12)
+    assert real.key(ckpt) != real.key(ckpt, n_null=2)
+
+
 @pytest.mark.parametrize("change", [
     dict(method="raw"), dict(pairs="all"), dict(layers=[0, 1]), dict(seed=1), dict(n_null=2),
     dict(dtype="float64"),

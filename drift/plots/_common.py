@@ -26,6 +26,22 @@ VALUE_LABELS = {
 
 VALUE_SHORT = {"rho": "ρ", "residual": "residual", "null": "null"}
 
+SPACE_LABELS = {
+    "activations": {"residual": "value (residual_angle: distance 0–1; update_cka: similarity 0–1)"},
+    "tie": {"residual": "tie damage", "null": "null tie damage (family from an unrelated partner)",
+            "rho": "ρ = damage / null tie\n(0: harmless, 1: as damaging as an unrelated operator)"},
+}
+"""Labels of results that are not weight-space distances (``meta["space"]``)."""
+
+
+def value_label(value: str, result: AnalysisResult | None = None) -> str:
+    """The axis label of ``value`` for ``result``: weight residuals, activation measures or tie damage."""
+    meta = {} if result is None else result.meta
+    label = SPACE_LABELS.get(meta.get("space"), {}).get(value, VALUE_LABELS[value])
+    if meta.get("space") == "tie" and value == "residual":
+        label += " (KL, nats/token)" if meta.get("measure") == "kl" else " (relative change of the outputs)"
+    return label
+
 
 METHOD_NAMES = {name: m.title for name, m in METHODS.items()}
 """How titles name each method."""
@@ -61,19 +77,29 @@ def _pairs_text(result: AnalysisResult) -> str:
     return f"{result.meta['pairs']} pairs" if result.meta.get("pairs") else f"{len(result.pairs)} pairs"
 
 
-def _model_name(result: AnalysisResult) -> str | None:
-    """The model as titles name it: a local folder by its last component (a temporary
-    folder's full path is noise), a bundled name or an HF repo id as is."""
-    model = result.meta.get("model")
+def _model_name(result: AnalysisResult, which: str = "model") -> str | None:
+    """The model (``which="other"``: the other model of a cross-model result) as titles name
+    it: a local folder by its last component (a temporary folder's full path is noise), a
+    bundled name or an HF repo id as is."""
+    model = result.meta.get("model") if which == "model" else (result.meta.get("other") or {}).get("model")
     if not model:
         return None
     model = str(model)
     return Path(model).name or model if model.startswith(("/", ".", "~")) else model
 
 
+def _layer_labels(result: AnalysisResult) -> tuple[str, str]:
+    """Axis labels of layer_a and layer_b: "layer", or for a cross-model result "layer of <model>"."""
+    if not result.cross_model:
+        return "layer", "layer"
+    return tuple(f"layer of {_model_name(result, w) or w}" for w in ("model", "other"))
+
+
 def _context(result: AnalysisResult, pairs: str | None = None) -> str:
-    """'model, pairs' for titles (method is named separately)."""
+    """'model, pairs' (or 'model vs other, pairs') for titles (method is named separately)."""
     name = _model_name(result)
+    if name and result.cross_model:
+        name = f"{name} vs {_model_name(result, 'other') or 'other'}"
     parts = [name] if name else []
     parts.append(pairs or _pairs_text(result))
     return ", ".join(parts)

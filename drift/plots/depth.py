@@ -1,4 +1,5 @@
-"""Consecutive pairs along the depth."""
+"""Along the depth: consecutive pairs of one model, or the diagonal of a cross-model result
+(layer L of the model against layer L of the other)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from ..result import AnalysisResult
-from ._common import VALUE_LABELS, _check_value, _consecutive, _families, _new_axes, _pair_label, _title
+from ._common import (value_label, _check_value, _consecutive, _families, _model_name, _new_axes,
+                      _pair_label, _title)
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.axes import Axes
@@ -30,9 +32,39 @@ def drift_along(result: AnalysisResult, families: Sequence[str] | None = None,
     if value not in ("rho", "residual"):
         raise ValueError(f"drift_along shows value 'rho' or 'residual', got {value!r}")
     _check_value(value, result)
+    return _along(result, _consecutive(result), families, ax, value, _pair_label, "layer pair",
+                  "consecutive pairs")
+
+
+def diagonal_along(result: AnalysisResult, families: Sequence[str] | None = None,
+                   ax: "Axes | None" = None, value: str = "rho") -> "Axes":
+    """The diagonal of a cross-model result along the depth: layer L of the model against
+    layer L of the other (``analyze(model, other=..., pairs="diagonal")``), one line per family.
+
+    ``value`` as in :func:`drift_along`: ρ with the null at ρ = 1, or residual and null.
+
+    Returns:
+        The Axes.
+
+    Raises:
+        ValueError: the result has no diagonal pairs (layer_a == layer_b), or a bad value/family.
+    """
+    if value not in ("rho", "residual"):
+        raise ValueError(f"diagonal_along shows value 'rho' or 'residual', got {value!r}")
+    _check_value(value, result)
+    d = result.diagonal().df
+    if d.empty or not result.cross_model:
+        raise ValueError("the result has no diagonal pairs (layer L of a model against layer L of "
+                         "another): analyze(model, other=..., pairs='diagonal' or 'all')")
+    where = f"layer (of {_model_name(result) or 'model'} and of {_model_name(result, 'other') or 'other'})"
+    return _along(result, d, families, ax, value, lambda a, b: str(a), where, "diagonal pairs")
+
+
+def _along(result: AnalysisResult, d, families, ax, value: str, label, xlabel: str, pairs_text: str) -> "Axes":
+    """One line per family over the pairs of ``d`` (rows of ``result``), in layer order;
+    ``label(a, b)`` names a pair on the x axis, ``pairs_text`` the pairs in the title."""
     has_null = bool(result.df["null"].notna().any())
     fams = _families(result, families)
-    d = _consecutive(result)
     pairs = sorted({(int(a), int(b)) for a, b in d[["layer_a", "layer_b"]].itertuples(index=False)})
     xpos = {p: k for k, p in enumerate(pairs)}
     ax = _new_axes(ax, (7.5, 4.0))
@@ -57,14 +89,14 @@ def drift_along(result: AnalysisResult, families: Sequence[str] | None = None,
                 ax.plot(x, f["null"], ls="--", lw=1.0, color=c, alpha=0.8)
         drawn += 1
     if drawn == 0:
-        raise ValueError(f"none of the families {fams} has consecutive pairs")
+        raise ValueError(f"none of the families {fams} has {pairs_text}")
     if value == "rho":
         top = max(1.15, float(np.nanmax(sel["rho"])) * 1.05)
         ax.axhspan(1.0, top, color="#d9d9d9", alpha=0.5, lw=0, zorder=0,
                    label="as different as unrelated")
         ax.axhline(1.0, color="black", ls="--", lw=1.0, zorder=1, label="null: unrelated partner (ρ = 1)")
         ax.set_ylim(0, top)
-        ax.set_ylabel(VALUE_LABELS["rho"], fontsize=9)
+        ax.set_ylabel(value_label("rho", result), fontsize=9)
         what = "ρ along the depth"
     else:
         if one_band:
@@ -80,12 +112,12 @@ def drift_along(result: AnalysisResult, families: Sequence[str] | None = None,
         else:
             ax.set_ylabel("residual\n(unit-normalised Frobenius)", fontsize=9)
             what = "residual along the depth (no null computed)"
-    ax.set_xticks(range(len(pairs)), [_pair_label(*p) for p in pairs])
+    ax.set_xticks(range(len(pairs)), [label(*p) for p in pairs])
     if len(pairs) > 16:
         for k, lab in enumerate(ax.get_xticklabels()):
             lab.set_visible(k % math.ceil(len(pairs) / 16) == 0)
-    ax.set_xlabel("layer pair")
-    ax.set_title(_title(what, result, pairs="consecutive pairs"), fontsize=10)
+    ax.set_xlabel(xlabel)
+    ax.set_title(_title(what, result, pairs=pairs_text), fontsize=10)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     ax.grid(axis="y", alpha=0.3)
     return ax

@@ -1,4 +1,9 @@
-"""Layer × layer heatmaps of one family, and small multiples of them."""
+"""Layer × layer heatmaps of one family, and small multiples of them.
+
+Of a cross-model result (``analyze(model, other=...)``) the rows are layers of the model and
+the columns layers of the other model, each axis labelled with its model's name, and the
+diagonal is a measurement like any other cell.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,8 @@ import numpy as np
 import pandas as pd
 
 from ..result import AnalysisResult
-from ._common import VALUE_LABELS, VALUE_SHORT, _check_value, _color_limits, _families, _invariant, _new_axes, _null_top, _title
+from ._common import (value_label, VALUE_SHORT, _check_value, _color_limits, _families, _invariant,
+                      _layer_labels, _new_axes, _null_top, _title)
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.axes import Axes
@@ -17,32 +23,34 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 def _draw_heatmap(ax: "Axes", m: pd.DataFrame, vmin: float, vmax: float, cmap: str,
-                  annot: bool, block: tuple[int, int] | None):
-    """Draw matrix ``m`` (layers x layers) on ``ax``; return the image (for a colour bar)."""
+                  annot: bool, block: tuple[int, int] | None, cross: bool = False,
+                  labels: tuple[str, str] = ("layer", "layer")):
+    """Draw matrix ``m`` (layers x layers; ``cross``: layers of A (rows) x layers of B) on
+    ``ax``, rows labelled ``labels[0]``, columns ``labels[1]``; return the image (for a colour bar)."""
     import matplotlib
     import matplotlib.colors as mcolors
     from matplotlib.patches import Rectangle
 
-    layers = list(m.index)
-    n = len(layers)
+    layers, cols = list(m.index), list(m.columns)
+    n, k = len(layers), len(cols)
     data = m.to_numpy(dtype=float).copy()
-    np.fill_diagonal(data, np.nan)  # a layer against itself is 0 by definition, not a measurement
+    if not cross:
+        np.fill_diagonal(data, np.nan)  # a layer against itself is 0 by definition, not a measurement
     cm = matplotlib.colormaps[cmap].with_extremes(bad="#eeeeee")
     im = ax.imshow(np.ma.masked_invalid(data), cmap=cm, vmin=vmin, vmax=vmax,
                    interpolation="nearest", aspect="equal")
-    ax.set_xticks(range(n), [str(L) for L in layers])
+    ax.set_xticks(range(k), [str(L) for L in cols])
     ax.set_yticks(range(n), [str(L) for L in layers])
-    step = max(1, math.ceil(n / 12))  # at most ~12 tick labels per axis
-    for i, lab in enumerate(ax.get_xticklabels()):
-        lab.set_visible(i % step == 0)
-    for i, lab in enumerate(ax.get_yticklabels()):
-        lab.set_visible(i % step == 0)
-    ax.set_xlabel("layer")
-    ax.set_ylabel("layer")
+    for labs, size in ((ax.get_xticklabels(), k), (ax.get_yticklabels(), n)):
+        step = max(1, math.ceil(size / 12))  # at most ~12 tick labels per axis
+        for i, lab in enumerate(labs):
+            lab.set_visible(i % step == 0)
+    ax.set_xlabel(labels[1])
+    ax.set_ylabel(labels[0])
     if annot:
         norm = mcolors.Normalize(vmin, vmax)
         for i in range(n):
-            for j in range(n):
+            for j in range(k):
                 v = data[i, j]
                 if np.isfinite(v):
                     r, g, b, _ = cm(norm(v))
@@ -51,11 +59,12 @@ def _draw_heatmap(ax: "Axes", m: pd.DataFrame, vmin: float, vmax: float, cmap: s
                             color="white" if dark else "black")
     if block is not None:
         lo, hi = block
-        inside = [k for k, L in enumerate(layers) if lo <= L <= hi]
-        if not inside:
+        rows = [i for i, L in enumerate(layers) if lo <= L <= hi]
+        inside = [j for j, L in enumerate(cols) if lo <= L <= hi]
+        if not rows or not inside:
             raise ValueError(f"block {block} contains none of the result's layers {layers}")
-        k0, k1 = inside[0], inside[-1]
-        ax.add_patch(Rectangle((k0 - 0.5, k0 - 0.5), k1 - k0 + 1, k1 - k0 + 1, fill=False,
+        ax.add_patch(Rectangle((inside[0] - 0.5, rows[0] - 0.5), inside[-1] - inside[0] + 1,
+                               rows[-1] - rows[0] + 1, fill=False,
                                edgecolor="crimson", linewidth=2.0, label=f"block {lo}–{hi}"))
     return im
 
@@ -66,7 +75,9 @@ def heatmap(result: AnalysisResult, family: str, value: str = "rho", ax: "Axes |
     """Layer x layer matrix of ``value`` for one ``family``.
 
     Cells that were not computed (e.g. non-neighbours under ``pairs="consecutive"``) and the
-    diagonal (a layer against itself) are grey. The colour bar is labelled with what it
+    diagonal (a layer against itself) are grey. Of a cross-model result: layers of the model
+    (rows) x layers of the other model (columns), axes named after the two models, the
+    diagonal drawn like every other cell. The colour bar is labelled with what it
     shows and starts at 0; its top is "as different as unrelated" (ρ = 1, or for residuals
     the family's largest null), so that colour means the same verdict in every heatmap.
 
@@ -90,15 +101,17 @@ def heatmap(result: AnalysisResult, family: str, value: str = "rho", ax: "Axes |
     m = result.matrix(family, value)
     vmin, vmax = _color_limits(value, m.to_numpy(dtype=float), _null_top(result, [family]))
     ax = _new_axes(ax, (4.6, 3.8))
-    im = _draw_heatmap(ax, m, vmin, vmax, cmap, len(m) <= 12 if annot is None else annot, block)
+    im = _draw_heatmap(ax, m, vmin, vmax, cmap, max(m.shape) <= 12 if annot is None else annot, block,
+                       result.cross_model, _layer_labels(result))
     star = "" if _invariant(result, family) else " *"
-    ax.set_title(_title(f"{family}{star}: {VALUE_SHORT[value]} between layers", result), fontsize=10)
+    between = "between the models' layers" if result.cross_model else "between layers"
+    ax.set_title(_title(f"{family}{star}: {VALUE_SHORT[value]} {between}", result), fontsize=10)
     if star:
         ax.text(0.0, -0.22, "* not gauge-invariant: compare with care", transform=ax.transAxes,
                 fontsize=7, va="top")
     if colorbar:
         cb = ax.figure.colorbar(im, ax=ax, shrink=0.9)
-        cb.set_label(VALUE_LABELS[value], fontsize=8)
+        cb.set_label(value_label(value, result), fontsize=8)
     return ax
 
 
@@ -122,7 +135,7 @@ def heatmap_grid(result: AnalysisResult, families: Sequence[str] | None = None, 
     vmin, vmax = _color_limits(value, allvals, _null_top(result, fams))
     ncols = max(1, min(ncols, len(fams)))
     nrows = math.ceil(len(fams) / ncols)
-    n = len(next(iter(mats.values())))
+    n = max(next(iter(mats.values())).shape)
     size = 2.4 + 0.12 * n
     figsize = (size * ncols + 1.2, size * nrows + 0.9)
     if fig is None:
@@ -136,17 +149,19 @@ def heatmap_grid(result: AnalysisResult, families: Sequence[str] | None = None, 
     annot = (n <= 8) if annot is None else annot
     im = None
     for ax, fam in zip(axes.flat, fams):
-        im = _draw_heatmap(ax, mats[fam], vmin, vmax, cmap, annot, block)
+        im = _draw_heatmap(ax, mats[fam], vmin, vmax, cmap, annot, block, result.cross_model)
         ax.set_title(fam + ("" if _invariant(result, fam) else " *"), fontsize=10)
         ax.set_xlabel("")
         ax.set_ylabel("")
     for ax in list(axes.flat)[len(fams):]:
         ax.set_axis_off()
     cb = fig.colorbar(im, ax=axes, shrink=min(0.8, 0.35 + 0.15 * nrows))
-    cb.set_label(VALUE_LABELS[value], fontsize=9)
+    cb.set_label(value_label(value, result), fontsize=9)
     note = "" if all(_invariant(result, f) for f in fams) else "   (* not gauge-invariant)"
-    fig.suptitle(_title(f"{VALUE_SHORT[value]} between layers, by family{note}", result), fontsize=11)
-    fig.supxlabel("layer", fontsize=9)
-    fig.supylabel("layer", fontsize=9)
+    between = "between the models' layers" if result.cross_model else "between layers"
+    fig.suptitle(_title(f"{VALUE_SHORT[value]} {between}, by family{note}", result), fontsize=11)
+    rows, cols = _layer_labels(result)
+    fig.supxlabel(cols, fontsize=9)
+    fig.supylabel(rows, fontsize=9)
     return axes
 
