@@ -1,7 +1,8 @@
-"""``drift`` command line: ``drift analyze --model MODEL ...`` (also ``python -m drift``).
+"""``drift`` command line: ``drift analyze|function|tie --model MODEL ...`` (also ``python -m drift``).
 
-Does what the reference script did (same flags, same JSON keys) with correct alignment,
-a null baseline and rho. Bad input of any kind (flags, paths, checkpoints, the output file,
+``drift analyze`` does what the reference script did (same flags, same JSON keys) with correct
+alignment, a null baseline and rho; ``drift function`` compares layers by their activations on
+text, ``drift tie`` tests sharing a family across a block (:mod:`drift.function`). Bad input of any kind (flags, paths, checkpoints, the output file,
 an OS error) prints one line ``drift: <message>`` and exits with status 2; the output path is
 checked before the work starts. SIGINT, SIGTERM and SIGHUP stop the work cleanly (worker
 processes end, temporary files are removed) and exit with 128 + the signal number.
@@ -15,7 +16,9 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from .analysis import PAIRS
 from .errors import DriftError
+from .function import cli as function_cli
 from .methods import METHODS
 
 
@@ -38,9 +41,14 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--model", default="minilm",
                    help="checkpoint folder, a repo id already in the local HF cache, or the bundled "
                         "'minilm' (default). Never downloads.")
+    a.add_argument("--other", default=None,
+                   help="a second model of the same architecture and shapes (same kinds as --model, "
+                        "e.g. org/name@revision): layer i of --model against layer j of --other")
     a.add_argument("--block-start", type=int, default=None, help="first layer (default 0)")
     a.add_argument("--block-end", type=int, default=None, help="last layer, inclusive (default: last)")
-    a.add_argument("--pairs", choices=["consecutive", "all"], default="consecutive")
+    a.add_argument("--pairs", choices=list(dict.fromkeys(PAIRS[False] + PAIRS[True])), default=None,
+                   help="one model: consecutive (default) or all (i < j); with --other: diagonal "
+                        "(default; layer i of both) or all (every i of --model with every j of --other)")
     a.add_argument("--method", choices=list(METHODS), default="exact",
                    help="; ".join(f"{m.name}: {m.about}" for m in METHODS.values()))
     a.add_argument("--out", default=None,
@@ -54,6 +62,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="null draws per pair (averaged); 0: no null and no rho, the reference's work "
                         "at about half the cost")
     a.add_argument("--quiet", action="store_true", help="no progress bar, no table")
+    function_cli.add_parser(sub)
+    function_cli.add_tie_parser(sub)
     return p
 
 
@@ -64,8 +74,9 @@ def _format_table(result) -> str:
     s = s.sort_values(key)
     meta = result.meta
     layers = meta["layers"]
+    other = f" vs {meta['other']['model']}" if meta.get("other") else ""
     lines = [
-        f"=== drift: {meta['model']} ({meta['architecture']}), layers {layers[0]}..{layers[-1]}, "
+        f"=== drift: {meta['model']}{other} ({meta['architecture']}), layers {layers[0]}..{layers[-1]}, "
         f"{meta['pairs']} pairs, method={meta['method']}"
         + (" (APPROXIMATE: not a symmetry of the model)" if meta.get("approximate") else "") + " ===",
         "  residual: unit-normalised Frobenius distance after alignment (0 = identical up to gauge)",
@@ -94,7 +105,13 @@ def analyze_command(args: argparse.Namespace) -> int:
 
     from .output import check_output, free_name
 
-    reader = open_layers(args.model, torch.float64 if args.dtype == "float64" else torch.float32)
+    if args.other is None and args.pairs == "diagonal":
+        raise DriftError("--pairs diagonal compares layer i of --model with layer i of --other: give --other")
+    if args.other is not None and args.pairs == "consecutive":
+        raise DriftError("--pairs consecutive compares layers of one model: with --other use diagonal or all")
+    dtype = torch.float64 if args.dtype == "float64" else torch.float32
+    reader = open_layers(args.model, dtype)
+    other = open_layers(args.other, dtype) if args.other is not None else None
     n = reader.n_layers
     start = 0 if args.block_start is None else args.block_start
     end = n - 1 if args.block_end is None else args.block_end
@@ -107,11 +124,17 @@ def analyze_command(args: argparse.Namespace) -> int:
     if args.out:
         out = check_output(args.out, folder, args.force)
     else:
-        out = check_output(free_name(Path(f"drift_{Path(args.model).name or 'model'}_{args.method}.json")), folder)
+        vs = f"_vs_{Path(args.other).name or 'other'}" if other is not None else ""
+        out = check_output(free_name(Path(f"drift_{Path(args.model).name or 'model'}{vs}_{args.method}.json")),
+                           folder)
+    if other is not None:
+        check_output(out, other.ckpt.folder, True)  # nor inside the other model's folder
     result = analyze(reader, layers=range(start, end + 1), pairs=args.pairs, method=args.method,
                      seed=args.seed, n_null=args.n_null, dtype=args.dtype, device=args.device,
-                     progress=not args.quiet)
+                     progress=not args.quiet, other=other)
     result.meta["model"] = args.model
+    if other is not None:
+        result.meta["other"]["model"] = args.other
     result.to_json(out)
     if not args.quiet:
         print(_format_table(result))
@@ -140,6 +163,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "analyze":
             return analyze_command(args)
+        if args.command == "function":
+            return function_cli.command(args)
+        if args.command == "tie":
+            return function_cli.tie_command(args)
     except DriftError as e:
         print(f"drift: {e}", file=sys.stderr)
         return 2

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-KINDS = ("weight", "circuit", "norm")
+KINDS = ("weight", "circuit", "norm", "activation")
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,10 @@ FAMILIES: tuple[Family, ...] = (
     Family("mlp_out_ln", "norm", "mlp_out", "gain of the norm after the MLP (sandwich norm)"),
     Family("q_norm", "norm", "q_norm", "per-head query norm gain (Qwen3)"),
     Family("k_norm", "norm", "k_norm", "per-head key norm gain (Qwen3)"),
+    # drift.function: measured on activations, not weights
+    Family("residual_angle", "activation",
+           about="angular distance of the residual streams after the two layers (0: same direction)"),
+    Family("update_cka", "activation", about="linear CKA of the two layers' updates h_(l+1) - h_l (1: alike)"),
 )
 
 BY_NAME = {f.name: f for f in FAMILIES}
@@ -64,7 +68,9 @@ def invariant(method: str, sym, family: str) -> bool:
     matrices and circuits. Of the norms: pre-norm gains trade with their readers' columns
     (gauge-spec §2.5), so they are not invariant, except in post-LN models (BERT) where they
     write the residual stream; sandwich post-norms write it too; q/k-norm gains are balanced
-    by ``exact`` only."""
+    by ``exact`` only. Activation families measure the function itself: invariant always."""
+    if kind(family) == "activation":
+        return True
     if kind(family) != "norm":
         return method == "exact"
     if family in ("q_norm", "k_norm"):

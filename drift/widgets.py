@@ -51,14 +51,15 @@ VALUES = (("ρ", "rho"), ("residual", "residual"))
 
 
 def available_models() -> list[str]:
-    """Models the explorer can offer without the network: the bundled ``minilm`` and every
-    model repo in the local Hugging Face cache whose architecture drift supports."""
+    """Models the explorer can offer without the network: the bundled ``minilm`` and
+    ``tiny-qwen3``, and every model repo in the local Hugging Face cache whose architecture
+    drift supports."""
     import json
 
     from .archs import find_arch
-    from .checkpoint import BUNDLED
+    from .checkpoint import BUNDLED, TINY_QWEN3, TINY_QWEN3_DIR
 
-    names = list(BUNDLED)
+    names = list(BUNDLED) + ([TINY_QWEN3] if (TINY_QWEN3_DIR / "final" / "config.json").is_file() else [])
     try:
         from huggingface_hub import scan_cache_dir
 

@@ -234,13 +234,13 @@ def test_available_models_reads_only_the_local_hf_cache(tmp_path, monkeypatch, l
     repos = [repo("org/toy-llama", llama), repo("org/mamba", weird), repo("org/data", llama, "dataset"),
              repo("org/empty", tmp_path / "missing")]
     monkeypatch.setattr(huggingface_hub, "scan_cache_dir", lambda: SimpleNamespace(repos=repos))
-    assert available_models() == ["minilm", "org/toy-llama"]
+    assert available_models() == ["minilm", "tiny-qwen3", "org/toy-llama"]
 
     def no_cache():
         raise huggingface_hub.errors.CacheNotFound("none", cache_dir=str(tmp_path))
 
     monkeypatch.setattr(huggingface_hub, "scan_cache_dir", no_cache)
-    assert available_models() == ["minilm"]
+    assert available_models() == ["minilm", "tiny-qwen3"]
 
 
 def test_model_outside_the_picker_goes_into_the_text_box(llama, cache):

@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 
 from ..result import AnalysisResult
-from ._common import KIND_COLORS, METHOD_COLORS, METHOD_NAMES, VALUE_LABELS, VALUE_SHORT, _check_value, _context, _families, _invariant, _new_axes, _title
+from ._common import (KIND_COLORS, METHOD_COLORS, METHOD_NAMES, VALUE_SHORT, _check_value, _context, _families,
+                      _invariant, _new_axes, _title, value_label)
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.axes import Axes
@@ -64,7 +65,7 @@ def ranking(result: AnalysisResult, ax: "Axes | None" = None, value: str = "rho"
         ax.text(1.0, 1.0, "null\n(ρ = 1)", transform=ax.get_xaxis_transform(), ha="center",
                 va="bottom", fontsize=7)
     ax.set_xlim(0, max(1.1 if value == "rho" else 0, float(s["max"].max())) * 1.12)
-    ax.set_xlabel(f"mean {VALUE_LABELS[value]}\nwhiskers: min–max over "
+    ax.set_xlabel(f"mean {value_label(value, result)}\nwhiskers: min–max over "
                   f"{int(s['count'].max())} layer pairs", fontsize=8)
     from matplotlib.patches import Patch
 
@@ -117,7 +118,7 @@ def compare_methods(results: Mapping[str, AnalysisResult], ax: "Axes | None" = N
     else:
         ax.axhline(math.sqrt(2), color="#999999", ls=":", lw=1.0, label="√2: orthogonal, nothing fitted")
     _method_ticks(ax, results, fams, ref)
-    ax.set_ylabel(f"mean {VALUE_LABELS[value]}", fontsize=8)
+    ax.set_ylabel(f"mean {value_label(value, first)}", fontsize=8)
     ax.set_ylim(bottom=0)
     handles, names = ax.get_legend_handles_labels()
     from matplotlib.container import BarContainer
