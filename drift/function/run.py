@@ -20,7 +20,7 @@ from ..errors import CheckpointError, DriftError
 from ..null import check_seed
 from ..result import AnalysisResult
 from .measures import CrossCovariances, angular_distance
-from .text import default_text, first_line, random_tokens, read_text, require_transformers, token_sequences, tokenizer_of
+from .text import check_reading, first_line, reading, require_transformers
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +134,27 @@ def _progress_bar(progress, total: int):
     return tqdm(total=total, desc="drift function", unit="batch", disable=not progress, leave=False)
 
 
+def _reduce(net, template: str, layers: list[int], plist, batches, dev, model: str, bar):
+    """Run every batch; reduce its hidden states into the angle sums (per pair), the
+    updates' cross-covariances and the token count, then drop them."""
+    moments = CrossCovariances(plist)
+    angle = {p: 0.0 for p in plist}  # pair -> sum over tokens of the angular distance
+    n_tok = 0
+    with _Taps(net, template, layers, model) as taps:
+        for ids, mask in batches:
+            h_in, h_out = taps.run(ids.to(dev), mask.to(dev))  # each layer: (B, T, d)
+            keep = mask.reshape(-1).bool().to(dev)  # (B*T,): padding out
+            d = h_out[layers[0]].shape[-1]
+            out = {L: h_out[L].reshape(-1, d)[keep].to(torch.float64) for L in layers}  # (N, d)
+            delta = {L: out[L] - h_in[L].reshape(-1, d)[keep].to(torch.float64) for L in layers}  # (N, d)
+            for i, j in plist:
+                angle[i, j] += float(angular_distance(out[i], out[j]).sum())
+            moments.add(delta)
+            n_tok += int(keep.sum())
+            bar.update(1)
+    return angle, moments, n_tok
+
+
 # --------------------------------------------------------------------------- the analysis
 
 def activation_similarity(model: str | Path, layers: Iterable[int] | None = None, pairs: str = "consecutive",
@@ -168,15 +189,9 @@ def activation_similarity(model: str | Path, layers: Iterable[int] | None = None
             (without ``tokens="random"``), an empty or non-UTF-8 text file, sequences longer
             than the model's positions, or any checkpoint problem.
     """
-    for name, v in (("n_seq", n_seq), ("seq_len", seq_len), ("batch_size", batch_size)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise DriftError(f"{name} must be a positive integer, not {v!r}")
+    check_reading(n_seq, seq_len, batch_size, tokens, text)
     if pairs not in ("consecutive", "all"):  # layer_pairs' other choices compare two models
         raise DriftError(f"pairs must be 'consecutive' or 'all', not {pairs!r}")
-    if tokens not in ("text", "random"):
-        raise DriftError(f"tokens must be 'text' or 'random', not {tokens!r}")
-    if tokens == "random" and text is not None:
-        raise DriftError("tokens='random' reads no text: give a text file or random tokens, not both")
     seed = check_seed(seed)
     tdtype, dev = _dtype(dtype), resolve_device(device)
     folder = resolve_model(model)
@@ -184,41 +199,18 @@ def activation_similarity(model: str | Path, layers: Iterable[int] | None = None
     spec = find_arch(config)
     layers = _layers(layers, n_layers_of(config))
     plist = layer_pairs(layers, pairs)
-    tok = tokenizer_of(folder, str(model)) if tokens == "text" else None
+    seqs, pad, source = reading(folder, str(model), config, text, tokens, n_seq, seq_len, seed)
     n_pos = _int(config, "max_position_embeddings", "n_positions", default=sys.maxsize)
     if seq_len > n_pos:
         raise DriftError(f"seq_len {seq_len} exceeds the model's {n_pos} positions")
-
-    if tokens == "random":
-        vocab = _int(config, "vocab_size")
-        seqs = random_tokens(vocab, n_seq, seq_len, seed)
-        pad, source = 0, f"random token ids, uniform over the vocabulary 0..{vocab - 1} (not text)"
-    else:
-        seqs = token_sequences(tok, default_text() if text is None else read_text(text), n_seq, seq_len, seed)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        source = (f"text file {Path(text).resolve()}" if text is not None else
-                  "pydoc_data.topics (CPython's documentation topics, English prose), sorted keys")
-        if len(seqs) < n_seq:
-            log.warning("the text gives %d sequences of %d tokens, not the %d asked for", len(seqs), seq_len, n_seq)
+    if len(seqs) < n_seq:
+        log.warning("the text gives %d sequences of %d tokens, not the %d asked for", len(seqs), seq_len, n_seq)
 
     net = _load_model(folder, str(model), tdtype, dev, quiet=not progress)
-    moments = CrossCovariances(plist)
-    angle = {p: 0.0 for p in plist}  # pair -> sum over tokens of the angular distance
-    n_tok = 0
     bar = _progress_bar(progress, -(-len(seqs) // batch_size))
     try:
-        with _Taps(net, spec.layers, layers, str(model)) as taps:
-            for ids, mask in _batches(seqs, batch_size, pad):
-                h_in, h_out = taps.run(ids.to(dev), mask.to(dev))  # each layer: (B, T, d)
-                keep = mask.reshape(-1).bool().to(dev)  # (B*T,): padding out
-                d = h_out[layers[0]].shape[-1]
-                out = {L: h_out[L].reshape(-1, d)[keep].to(torch.float64) for L in layers}  # (N, d)
-                delta = {L: out[L] - h_in[L].reshape(-1, d)[keep].to(torch.float64) for L in layers}  # (N, d)
-                for i, j in plist:
-                    angle[i, j] += float(angular_distance(out[i], out[j]).sum())
-                moments.add(delta)
-                n_tok += int(keep.sum())
-                bar.update(1)
+        angle, moments, n_tok = _reduce(net, spec.layers, layers, plist, _batches(seqs, batch_size, pad), dev,
+                                        str(model), bar)
     finally:
         bar.close()
 

@@ -110,3 +110,32 @@ def random_tokens(vocab: int, n_seq: int, seq_len: int, seed: int) -> list[list[
     """``n_seq`` sequences of ``seq_len`` ids uniform over ``0..vocab-1`` (not text)."""
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (n_seq, seq_len), generator=g).tolist()  # (n_seq, seq_len)
+
+
+def check_reading(n_seq, seq_len, batch_size, tokens: str, text) -> None:
+    """The arguments of what a model reads, checked before anything is opened."""
+    for name, v in (("n_seq", n_seq), ("seq_len", seq_len), ("batch_size", batch_size)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise DriftError(f"{name} must be a positive integer, not {v!r}")
+    if tokens not in ("text", "random"):
+        raise DriftError(f"tokens must be 'text' or 'random', not {tokens!r}")
+    if tokens == "random" and text is not None:
+        raise DriftError("tokens='random' reads no text: give a text file or random tokens, not both")
+
+
+def reading(folder: Path, model: str, config: dict, text, tokens: str, n_seq: int, seq_len: int,
+            seed: int) -> tuple[list[list[int]], int, str]:
+    """What the model reads: ``(sequences, padding id, a line saying what they are)``."""
+    if tokens == "random":
+        from ..config import _int
+
+        vocab = _int(config, "vocab_size")
+        return (random_tokens(vocab, n_seq, seq_len, seed), 0,
+                f"random token ids, uniform over the vocabulary 0..{vocab - 1} (not text)")
+    tok = tokenizer_of(folder, model)
+    seqs = token_sequences(tok, default_text() if text is None else read_text(text), n_seq, seq_len, seed)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    source = (f"text file {Path(text).resolve()}" if text is not None else
+              "pydoc_data.topics (CPython's documentation topics, English prose), sorted keys")
+    return seqs, pad, source
+

@@ -236,13 +236,9 @@ def tie(model: str, family: str | Iterable[str] = "all", layers: Iterable[int] |
         ``meta["block"]`` the same numbers with every target of the block tied at once.
     """
     from .run import _batches
-    from .text import default_text, random_tokens, read_text, token_sequences, tokenizer_of
+    from .text import check_reading, reading
 
-    for name, v in (("n_seq", n_seq), ("seq_len", seq_len), ("batch_size", batch_size)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise DriftError(f"{name} must be a positive integer, not {v!r}")
-    if tokens not in ("text", "random"):
-        raise DriftError(f"tokens must be 'text' or 'random', not {tokens!r}")
+    check_reading(n_seq, seq_len, batch_size, tokens, text)
     m = get_method(method)
     seed = check_seed(seed)
     tdtype, dev = _dtype(dtype), resolve_device(device)
@@ -253,15 +249,7 @@ def tie(model: str, family: str | Iterable[str] = "all", layers: Iterable[int] |
     pairs = reference_pairs(layers, reference)
     reader = LayerReader(Checkpoint.open(folder), torch.float64)
     fams = families_of(reader.read(layers[0]).sym, family)
-    if tokens == "random":
-        seqs, pad = random_tokens(int(config["vocab_size"]), n_seq, seq_len, seed), 0
-        source = "random token ids, uniform over the vocabulary (not text)"
-    else:
-        tok = tokenizer_of(folder, str(model))
-        seqs = token_sequences(tok, default_text() if text is None else read_text(text), n_seq, seq_len, seed)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        source = (f"text file {Path(text).resolve()}" if text is not None else
-                  "pydoc_data.topics (CPython's documentation topics, English prose), sorted keys")
+    seqs, pad, source = reading(folder, str(model), config, text, tokens, n_seq, seq_len, seed)
     causal = _is_causal(config)
 
     variants = [(f, scope, null) for f in fams for scope in [*(t for _, t in pairs), "block"] for null in (False, True)]
