@@ -28,22 +28,31 @@ def add_parser(sub) -> argparse.ArgumentParser:
     f.add_argument("--layers", default=None, metavar="A:B",
                    help="first:last layer, both inclusive (default: all; either side may be left out)")
     f.add_argument("--pairs", choices=["consecutive", "all"], default="consecutive")
-    f.add_argument("--text", default=None, metavar="FILE",
-                   help="a UTF-8 text file (default: CPython's documentation topics, English prose)")
-    f.add_argument("--tokens", choices=["text", "random"], default="text",
-                   help="random: uniform random token ids instead of text (for checkpoints without a tokenizer)")
-    f.add_argument("--n-seq", type=int, default=N_SEQ, help=f"number of sequences (default {N_SEQ})")
-    f.add_argument("--seq-len", type=int, default=SEQ_LEN,
-                   help=f"tokens per sequence, special tokens included (default {SEQ_LEN})")
-    f.add_argument("--seed", type=int, default=0, help="which windows of the text (or random ids) are read")
-    f.add_argument("--out", default=None,
-                   help="JSON output path (default: drift_<model>_function.json here, never over an earlier "
-                        "file). Refused inside the model folder.")
-    f.add_argument("--force", action="store_true", help="replace --out even if it is not a drift result")
-    f.add_argument("--device", default="cpu", help="cpu (default) | auto | cuda")
-    f.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    f.add_argument("--quiet", action="store_true", help="no progress bar, no table")
+    _reading_args(f, N_SEQ, SEQ_LEN, "which windows of the text (or random ids) are read")
+    _output_args(f, "drift_<model>_function.json")
     return f
+
+
+def _reading_args(p: argparse.ArgumentParser, n_seq: int, seq_len: int, seed_help: str) -> None:
+    """What the model reads, for ``drift function`` and ``drift tie`` alike."""
+    p.add_argument("--text", default=None, metavar="FILE",
+                   help="a UTF-8 text file (default: CPython's documentation topics, English prose)")
+    p.add_argument("--tokens", choices=["text", "random"], default="text",
+                   help="random: uniform random token ids instead of text (for checkpoints without a tokenizer)")
+    p.add_argument("--n-seq", type=int, default=n_seq, help=f"number of sequences (default {n_seq})")
+    p.add_argument("--seq-len", type=int, default=seq_len,
+                   help=f"tokens per sequence, special tokens included (default {seq_len})")
+    p.add_argument("--seed", type=int, default=0, help=seed_help)
+
+
+def _output_args(p: argparse.ArgumentParser, default_name: str) -> None:
+    p.add_argument("--out", default=None,
+                   help=f"JSON output path (default: {default_name} here, never over an earlier file). "
+                        "Refused inside the model folder.")
+    p.add_argument("--force", action="store_true", help="replace --out even if it is not a drift result")
+    p.add_argument("--device", default="cpu", help="cpu (default) | auto | cuda")
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, no table")
 
 
 def parse_layers(spec: str | None, n_layers: int) -> range | None:
@@ -122,20 +131,8 @@ def add_tie_parser(sub) -> argparse.ArgumentParser:
     t.add_argument("--method", choices=list(METHODS), default="exact",
                    help="the alignment that carries the reference's family (exact: a symmetry of the model)")
     t.add_argument("--reference", default="previous", help="previous (default) or an anchor layer of the block")
-    t.add_argument("--text", default=None, metavar="FILE", help="a UTF-8 text file (default: CPython's docs)")
-    t.add_argument("--tokens", choices=["text", "random"], default="text")
-    t.add_argument("--n-seq", type=int, default=TIE_N_SEQ,
-                   help=f"number of sequences (default {TIE_N_SEQ})")
-    t.add_argument("--seq-len", type=int, default=TIE_SEQ_LEN,
-                   help=f"tokens per sequence (default {TIE_SEQ_LEN})")
-    t.add_argument("--seed", type=int, default=0, help="the text windows and the null's rotations")
-    t.add_argument("--out", default=None,
-                   help="JSON output path (default: drift_<model>_tie_<method>.json here, never over an "
-                        "earlier file). Refused inside the model folder.")
-    t.add_argument("--force", action="store_true", help="replace --out even if it is not a drift result")
-    t.add_argument("--device", default="cpu", help="cpu (default) | auto | cuda")
-    t.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    t.add_argument("--quiet", action="store_true", help="no progress bar, no table")
+    _reading_args(t, TIE_N_SEQ, TIE_SEQ_LEN, "the text windows (or random ids) and the null's rotations")
+    _output_args(t, "drift_<model>_tie_<method>.json")
     return t
 
 

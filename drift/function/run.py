@@ -134,6 +134,16 @@ def _progress_bar(progress, total: int):
     return tqdm(total=total, desc="drift function", unit="batch", disable=not progress, leave=False)
 
 
+def setup(model: str, layers, seed, dtype, device):
+    """What every run on text starts from, checked: ``(seed, dtype, device, folder, config,
+    architecture spec, layers)``."""
+    seed = check_seed(seed)
+    tdtype, dev = _dtype(dtype), resolve_device(device)
+    folder = resolve_model(model)
+    config = read_config(folder)
+    return seed, tdtype, dev, folder, config, find_arch(config), _layers(layers, n_layers_of(config))
+
+
 def _reduce(net, template: str, layers: list[int], plist, batches, dev, model: str, bar):
     """Run every batch; reduce its hidden states into the angle sums (per pair), the
     updates' cross-covariances and the token count, then drop them."""
@@ -192,12 +202,7 @@ def activation_similarity(model: str | Path, layers: Iterable[int] | None = None
     check_reading(n_seq, seq_len, batch_size, tokens, text)
     if pairs not in ("consecutive", "all"):  # layer_pairs' other choices compare two models
         raise DriftError(f"pairs must be 'consecutive' or 'all', not {pairs!r}")
-    seed = check_seed(seed)
-    tdtype, dev = _dtype(dtype), resolve_device(device)
-    folder = resolve_model(model)
-    config = read_config(folder)
-    spec = find_arch(config)
-    layers = _layers(layers, n_layers_of(config))
+    seed, tdtype, dev, folder, config, spec, layers = setup(model, layers, seed, dtype, device)
     plist = layer_pairs(layers, pairs)
     seqs, pad, source = reading(folder, str(model), config, text, tokens, n_seq, seq_len, seed)
     n_pos = _int(config, "max_position_embeddings", "n_positions", default=sys.maxsize)

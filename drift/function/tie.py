@@ -37,13 +37,11 @@ import torch
 
 from .. import __version__
 from ..align import random_orthogonal
-from ..analysis import _CallbackBar, _dtype, _layers, resolve_device
-from ..archs import find_arch
-from ..canonical import CanonicalLayer, LayerReader, layer_state_dict, n_layers_of
-from ..checkpoint import Checkpoint, read_config, resolve_model
+from ..analysis import _CallbackBar
+from ..canonical import CanonicalLayer, LayerReader, layer_state_dict
+from ..checkpoint import Checkpoint
 from ..errors import CheckpointError, DriftError
 from ..methods import get as get_method
-from ..null import check_seed
 from ..result import AnalysisResult
 
 Tensor = torch.Tensor
@@ -235,17 +233,12 @@ def tie(model: str, family: str | Iterable[str] = "all", layers: Iterable[int] |
         tie's, ``rho`` their ratio, and ``ce_change`` (causal) or ``embedding_cos`` (encoder);
         ``meta["block"]`` the same numbers with every target of the block tied at once.
     """
-    from .run import _batches
+    from .run import _batches, setup
     from .text import check_reading, reading
 
     check_reading(n_seq, seq_len, batch_size, tokens, text)
     m = get_method(method)
-    seed = check_seed(seed)
-    tdtype, dev = _dtype(dtype), resolve_device(device)
-    folder = resolve_model(model)
-    config = read_config(folder)
-    spec = find_arch(config)
-    layers = _layers(layers, n_layers_of(config))
+    seed, tdtype, dev, folder, config, spec, layers = setup(model, layers, seed, dtype, device)
     pairs = reference_pairs(layers, reference)
     reader = LayerReader(Checkpoint.open(folder), torch.float64)
     fams = families_of(reader.read(layers[0]).sym, family)
