@@ -168,3 +168,17 @@ def test_weight_vs_tie_figure(planted):
     table = plots.function.weight_tie_table(w, t)
     assert len(table) == 4 and set(table.columns) >= {"weight", "tie"}
     assert plots.function.spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+
+
+def test_tie_and_activations_on_the_trained_causal_lm():
+    """tiny-qwen3 (a causal LM: KL of next-token distributions), bf16 weights run in float32."""
+    from drift.function import activation_similarity
+
+    r = tie("tiny-qwen3", family=["q_proj", "mlp"], layers=[2, 3], n_seq=4, seq_len=32, progress=False)
+    assert r.meta["measure"] == "kl" and "ce_change" in r.df
+    assert (r.df["residual"] > 1e-4).all() and (r.df["null"] > 0).all(), r.df
+    ex = tie("tiny-qwen3", family="attention", layers=[2, 3], method="exact", n_seq=2, seq_len=16, progress=False,
+             reference=3)  # the anchor is layer 3: layer 2 gets layer 3's attention
+    assert ex.df[["layer_a", "layer_b"]].values.tolist() == [[3, 2]]
+    a = activation_similarity("tiny-qwen3", layers=[0, 1, 2], n_seq=4, seq_len=32, progress=False)
+    assert set(a.df.family) == {"residual_angle", "update_cka"} and a.df["residual"].between(0, 1).all()
