@@ -24,6 +24,15 @@ random operator of the same statistics.
 
 Two scopes: per layer (only that target tied; rows of the result) and the whole block at
 once (``meta["block"]``).
+
+A caveat for post-LN models (BERT, MiniLM): their LayerNorm gains scale the residual stream,
+so they are genuine parameters that no alignment moves, and the reader and writer mean
+directions the exact element adjusts are invisible only under the reference's own norm. In
+the target, next to the target's norm, the carried family then differs from the reference's
+by those directions as well: tying a whole sublayer under ``exact`` and under ``raw`` gives
+close but not equal damage there (MiniLM, MLP into layer 1: 0.655 and 0.696). Pre-norm
+models fold their gains, and the carried family is exactly the reference's in the target's
+basis.
 """
 
 from __future__ import annotations

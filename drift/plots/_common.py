@@ -50,7 +50,8 @@ METHOD_NAMES = {name: m.title for name, m in METHODS.items()}
 METHOD_COLORS = {"raw": "#9e9e9e", "rotation": "#e6892e", "exact": "#2b6cb0"}
 
 
-KIND_COLORS = {"weight": "#2b6cb0", "circuit": "#7b3fa0", "norm": "#3c9d5d"}
+KIND_COLORS = {"weight": "#2b6cb0", "circuit": "#7b3fa0", "norm": "#3c9d5d", "activation": "#b7791f",
+               "tie": "#c05621"}
 
 
 SAVE_FORMATS = ("png", "svg", "pdf")
