@@ -18,6 +18,11 @@ decides the numbers::
     drift code digest     SHA-256 of the package's numerical source files, so that editing
                           the analysis in a development checkout (same version) does not
                           serve numbers the new code would not produce
+    namespace, inputs     only for a function other than ``drift.analyze`` (:data:`NAMESPACES`):
+                          its name, so that two functions never serve each other's results, and
+                          what it reads besides the weights and the config (activations: the
+                          checkpoint's other files, its tokenizer among them, and the text by
+                          content, since a text file edited in place keeps its path)
 
 Safety:
 
@@ -43,6 +48,7 @@ import contextlib
 import errno
 import functools
 import hashlib
+import importlib
 import inspect
 import json
 import logging
@@ -65,6 +71,12 @@ NOT_IN_KEY = frozenset({"model", "other", "progress", "device", "form_budget"})
 identity; the others change how the work is done, not its numbers (the form budget only
 decides how many layer forms are held at once; tests/test_schedule.py: pipelined ==
 sequential)."""
+
+NAMESPACES = {"weights": ("drift.analysis", "analyze"),
+              "activations": ("drift.function", "activation_similarity")}
+"""The functions a cache holds, by namespace (module, name). A key of ``weights`` carries no
+namespace, so that entries written before there were namespaces stay valid; every other key
+names its namespace, so its digest (and file) can never be a weights entry's."""
 
 STALE_TMP_S = 3600.0
 """Temporary files older than this are left-overs of interrupted writes and are removed."""
@@ -139,6 +151,30 @@ def _checksum(payload: Any) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
+def _run_inputs(ckpt: Any, arguments: dict[str, Any]) -> dict[str, Any]:
+    """What a run of the model reads besides its weights and config: the folder's other files
+    (size and mtime; the tokenizer is among them) and the text, by its SHA-256 (the default
+    text comes with Python, so a new Python may change it; a file may be edited in place)."""
+    skip = set(ckpt.index.weight_map.values()) | {"config.json"}
+    files = []
+    for f in sorted(ckpt.folder.iterdir()):
+        if f.name not in skip and not f.name.startswith(".") and f.is_file():
+            st = f.stat()
+            files.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")
+    text = None
+    if arguments.get("tokens", "text") == "text":
+        if arguments.get("text") is None:
+            from .function.text import default_text
+
+            text = hashlib.sha256(default_text().encode()).hexdigest()
+        else:
+            try:
+                text = hashlib.sha256(Path(arguments["text"]).read_bytes()).hexdigest()
+            except OSError as e:  # the run itself says so; nothing is stored then
+                text = f"unreadable: {_why(e)}"
+    return {"files": files, "text": text}
+
+
 class CorruptEntry(Exception):
     """An entry that must not be served (internal: caught, logged, entry deleted)."""
 
@@ -148,31 +184,38 @@ class Cache:
 
     Args:
         directory: where entries live (default :func:`default_dir`, read at construction).
-        analyze: the function to cache (default :func:`drift.analyze`); its signature decides
-            which arguments enter the key. Tests pass a stand-in.
+        analyze: the function to cache (default: the namespace's, :func:`drift.analyze` for
+            ``weights``); its signature decides which arguments enter the key. Tests pass a
+            stand-in.
+        namespace: ``"weights"`` (default) or ``"activations"``
+            (:func:`drift.function.activation_similarity`), see :data:`NAMESPACES`. Caches of
+            different namespaces may share a folder: their keys never match.
 
     ``hits`` and ``misses`` count this object's lookups; ``last_hit`` and ``last_key`` say
     whether the latest :meth:`get_or_compute` was served from disk, and under which key.
     """
 
     def __init__(self, directory: str | Path | None = None,
-                 analyze: Callable[..., AnalysisResult] | None = None):
+                 analyze: Callable[..., AnalysisResult] | None = None, namespace: str = "weights"):
+        if namespace not in NAMESPACES:
+            raise ValueError(f"namespace must be one of {', '.join(NAMESPACES)}, got {namespace!r}")
         self.directory = Path(directory).expanduser() if directory is not None else default_dir()
         self._analyze = analyze
+        self.namespace = namespace
         self.hits = 0
         self.misses = 0
         self.last_hit: bool | None = None
         self.last_key: dict[str, Any] | None = None
 
     def __repr__(self) -> str:
-        return f"Cache({str(self.directory)!r})"
+        ns = "" if self.namespace == "weights" else f", namespace={self.namespace!r}"
+        return f"Cache({str(self.directory)!r}{ns})"
 
     @property
     def analyze(self) -> Callable[..., AnalysisResult]:
-        if self._analyze is None:
-            from . import analysis  # imported on use: the cache itself needs no torch work
-
-            return analysis.analyze
+        if self._analyze is None:  # imported on use: the cache itself needs no torch work
+            module, name = NAMESPACES[self.namespace]
+            return getattr(importlib.import_module(module), name)
         return self._analyze
 
     # ---------------------------------------------------------------- keys
@@ -208,17 +251,21 @@ class Cache:
 
             args["pairs"] = default_pairs(None, other is not None)
 
-        def checkpoint(model: Any) -> dict[str, str]:
+        def open_(model: Any) -> Any:
             if isinstance(model, (str, os.PathLike)):
-                ckpt = Checkpoint.open(model)
-            else:  # an open Checkpoint, or a LayerReader over one
-                ckpt = getattr(model, "ckpt", model)
+                return Checkpoint.open(model)
+            return getattr(model, "ckpt", model)  # an open Checkpoint, or a LayerReader over one
+
+        def checkpoint(ckpt: Any) -> dict[str, str]:
             return {"identity": ckpt.identity(), "config": _checksum(getattr(ckpt, "config", None))}
 
-        key = {"format": FORMAT, **checkpoint(bound.args[0]),  # analyze's first argument is the model
-               "args": args, "drift": __version__, "code": code_digest()}
+        ckpt = open_(bound.args[0])  # analyze's first argument is the model
+        key = {"format": FORMAT, **checkpoint(ckpt), "args": args, "drift": __version__, "code": code_digest()}
         if other is not None:
-            key["other"] = checkpoint(other)
+            key["other"] = checkpoint(open_(other))
+        if self.namespace == "activations":
+            key["namespace"] = self.namespace
+            key["inputs"] = _run_inputs(ckpt, bound.arguments)
         return key
 
     @staticmethod

@@ -4,6 +4,13 @@ every figure of :mod:`drift.plots` for it.
     >>> ex = drift.widgets.Explorer(model="minilm")
     >>> ex                                   # the widget, in a notebook
     >>> ex.set(block=(0, 3), method="rotation"); ex.refresh()   # or headless, in tests
+    >>> ex.set(space="activations").refresh()                   # activation similarity instead
+    >>> ex.set(space="weights", other="org/fine-tuned").refresh()  # layer i of one model vs of another
+
+The space toggle chooses what is compared: the weights (:func:`drift.analyze`; with a second
+model, ``analyze(model, other=...)`` and its A × B figures) or the activations on the default
+text (:func:`drift.function.activation_similarity`; no method and no null, so the method and
+heatmap-value controls are disabled there and the figures show the measures themselves).
 
 Analyses go through :mod:`drift.cache`, so a setting seen before (in this session or an
 earlier one) is served from disk; the figures of the last few settings are also kept in
@@ -21,8 +28,8 @@ The explorer is testable without a browser: every control has a value that
 :meth:`Explorer.set` changes, :meth:`Explorer.refresh` runs synchronously, and the last
 ``result``, ``figures`` and ``from_cache`` are attributes.
 
-ipywidgets and matplotlib are imported here (matplotlib through :mod:`drift.explorer_view`),
-never by ``import drift``.
+ipywidgets and matplotlib are imported by :mod:`drift.explorer_view`, on use, never by
+``import drift``.
 """
 
 from __future__ import annotations
@@ -32,13 +39,12 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-import ipywidgets as W
-
+from .analysis import PAIRS as _PAIRS
 from .cache import Cache
 from .errors import DriftError
 from .explorer_view import RENDER_MEMORY, render  # noqa: F401 - importable from here, as before
-from .explorer_view import FigureMemory, done_line, figures_html, progress_bar, status_html
-from .explorer_view import esc as _esc
+from .explorer_view import (INTERRUPTED, SPACES, FigureMemory, available_models, controls, done_line,
+                            error_html, figures_html, progress_bar, setting_tag, setting_words, status_html)
 from .interrupt import interruptible
 from .methods import METHODS as _REGISTRY
 from .result import AnalysisResult
@@ -46,36 +52,9 @@ from .result import AnalysisResult
 log = logging.getLogger(__name__)
 
 METHODS = tuple(_REGISTRY)
-PAIRS = ("consecutive", "all")
 VALUES = (("ρ", "rho"), ("residual", "residual"))
-
-
-def available_models() -> list[str]:
-    """Models the explorer can offer without the network: the bundled ``minilm`` and
-    ``tiny-qwen3``, and every model repo in the local Hugging Face cache whose architecture
-    drift supports."""
-    import json
-
-    from .archs import find_arch
-    from .checkpoint import BUNDLED, TINY_QWEN3, TINY_QWEN3_DIR
-
-    names = list(BUNDLED) + ([TINY_QWEN3] if (TINY_QWEN3_DIR / "final" / "config.json").is_file() else [])
-    try:
-        from huggingface_hub import scan_cache_dir
-
-        repos = scan_cache_dir().repos
-    except Exception:  # no cache folder yet, or an unreadable one: offer what is bundled
-        return names
-    for repo in sorted(repos, key=lambda r: r.repo_id):
-        if repo.repo_type != "model" or not repo.revisions:
-            continue
-        snap = max(repo.revisions, key=lambda r: r.last_modified).snapshot_path
-        try:
-            find_arch(json.loads((Path(snap) / "config.json").read_text()))
-        except Exception:  # no config, unreadable, or an architecture drift refuses
-            continue
-        names.append(repo.repo_id)
-    return names
+ANALYSIS = ("model", "block", "space", "method", "other", "pairs")
+"""The settings that decide the result (the others only decide how it is drawn)."""
 
 
 def n_layers(model: str) -> int:
@@ -87,26 +66,36 @@ def n_layers(model: str) -> int:
 
 
 class Explorer:
-    """Model picker, block slider, method / pairs / value toggles and a family selector over
-    the figures of one analysis.
+    """Model and second-model pickers, block slider, space / method / pairs / value toggles
+    and a family selector over the figures of one analysis.
 
     Args:
         model: a bundled name (``"minilm"``), a local checkpoint folder, or a repo id in the
             local Hugging Face cache.
         block: ``(first, last)`` layers, inclusive (default: every layer).
-        method: ``"exact"`` | ``"rotation"`` | ``"raw"``.
-        pairs: ``"consecutive"`` | ``"all"``.
+        method: ``"exact"`` | ``"rotation"`` | ``"raw"`` (weights only).
+        pairs: ``"consecutive"`` (default) | ``"all"``; with ``other``: ``"diagonal"``
+            (default) | ``"all"``.
         families: families to draw (default: all of the result's).
-        value: ``"rho"`` | ``"residual"``: what the heatmaps show.
+        value: ``"rho"`` | ``"residual"``: what the heatmaps show (activations: always the
+            residual column, their only number).
+        space: ``"weights"`` (default) or ``"activations"``.
+        other: a second model of the same architecture and shapes (weights only; default
+            none): layer i of ``model`` against layer j of ``other``.
         cache: a :class:`~drift.cache.Cache`, or a folder for one (default ``~/.cache/drift``).
+        activation_cache: the cache of the activations space (default: the ``activations``
+            namespace in ``cache``'s folder).
         progress: pass ``analyze`` its progress bar.
         auto: re-analyse / redraw as soon as a control changes (off: only on :meth:`refresh`).
         dpi: resolution of the rendered figures.
+        activation_kwargs: arguments for ``activation_similarity`` (``n_seq``, ``seq_len``,
+            ``seed``, ...; the default text is always used).
         analyze_kwargs: further arguments for ``drift.analyze`` (``seed``, ``n_null``, ...).
 
     Attributes:
         result: the last :class:`AnalysisResult` (None before the first refresh).
-        figures: the last figures, ``{"ranking", "drift_along", "heatmaps"}`` -> Figure.
+        figures: the last figures, ``{"ranking", "drift_along" or "diagonal_along",
+            "heatmaps"}`` -> Figure.
         from_cache: whether the last result came from the disk cache.
         timing: seconds of the last refresh: ``result_s`` (getting the result), ``render_s``,
             ``total_s``.
@@ -116,11 +105,16 @@ class Explorer:
     """
 
     def __init__(self, model: str = "minilm", block: tuple[int, int] | None = None,
-                 method: str = "exact", pairs: str = "consecutive",
-                 families: Sequence[str] | None = None, value: str = "rho",
-                 cache: Cache | str | Path | None = None, progress: bool = True, auto: bool = True,
-                 dpi: int = 90, **analyze_kwargs: Any):
+                 method: str = "exact", pairs: str | None = None,
+                 families: Sequence[str] | None = None, value: str = "rho", space: str = "weights",
+                 other: str | None = None, cache: Cache | str | Path | None = None,
+                 activation_cache: Cache | None = None, progress: bool = True, auto: bool = True,
+                 dpi: int = 90, activation_kwargs: dict[str, Any] | None = None, **analyze_kwargs: Any):
         self.cache = cache if isinstance(cache, Cache) else Cache(cache)
+        self.activation_cache = activation_cache or Cache(self.cache.directory, namespace="activations")
+        if "text" in (activation_kwargs or {}):
+            raise ValueError("the explorer reads the default text; run activation_similarity for another")
+        self.activation_kwargs = dict(activation_kwargs or {})
         self.progress = progress
         self.auto = auto
         self.dpi = dpi
@@ -138,42 +132,23 @@ class Explorer:
         self._result_digest = ""
         self._unselected: set[str] = set()  # families the user switched off, across methods
         self._requests = 0
+        self._result_setting: dict[str, Any] = {}  # the ANALYSIS settings of ``result``
         self.shown_setting = ""  # the setting tag of the figures on screen
 
-        label = {"description_width": "72px"}
-
-        known = available_models()
-        self._model = W.Dropdown(options=known, value=known[0], description="model", style=label,
-                                 layout=W.Layout(width="392px"))
-        self._path = W.Text(placeholder="…or a local folder / cached HF repo id",
-                            continuous_update=False, layout=W.Layout(width="340px"))
-        self._block = W.IntRangeSlider(value=(0, 1), min=0, max=1, description="block",
-                                       continuous_update=False, style=label, layout=W.Layout(width="560px"))
-        self._method = W.ToggleButtons(options=METHODS, value=_choice(method, METHODS, "method"),
-                                       tooltips=[_REGISTRY[m].about for m in METHODS])
-        self._pairs = W.ToggleButtons(options=PAIRS, value=_choice(pairs, PAIRS, "pairs"))
-        self._value = W.ToggleButtons(options=VALUES, value=_choice(value, [v for _, v in VALUES], "value"))
-        self._families = W.SelectMultiple(options=[], rows=6, description="families", style=label,
-                                          layout=W.Layout(width="392px"))
-        self._status = W.HTML()
-        self._bar = W.IntProgress(value=0, min=0, max=1, layout=W.Layout(width="392px", visibility="hidden"))
-        self._bar_text = W.Label()
-        self._progress = W.HBox([self._bar, self._bar_text])
-        self.output = W.HTML()  # the figures: one value, replaced whole
-        for w, name in ((self._model, "model"), (self._path, "path"), (self._block, "block"),
-                        (self._method, "method"), (self._pairs, "pairs"), (self._value, "value"),
-                        (self._families, "families"), (self._status, "status"),
-                        (self._progress, "progress"), (self.output, "figures")):
-            w.add_class(f"drift-{name}")
-        self.widget = W.VBox([
-            W.HBox([self._model, self._path]), self._block,
-            _labelled("method", self._method), _labelled("pairs", self._pairs),
-            _labelled("heatmaps", self._value), self._families,
-            self._status, self._progress, self.output,
-        ])
-        self.widget.add_class("drift-explorer")
+        c = controls(available_models(), METHODS, [_REGISTRY[m].about for m in METHODS], VALUES)
+        (self._model, self._path, self._other, self._block, self._space, self._method, self._pairs,
+         self._value, self._families, self._status, self._bar, self._bar_text, self.output, self.widget) = (
+            c[k] for k in ("model", "path", "other", "block", "space", "method", "pairs", "value",
+                           "families", "status", "bar", "bar_text", "figures", "widget"))
+        self._space.value = _choice(space, SPACES, "space")
+        self._method.value = _choice(method, METHODS, "method")
+        self._value.value = _choice(value, [v for _, v in VALUES], "value")
+        self._other.value = str(other or "")
+        self._sync_controls()
+        if pairs is not None:
+            self._pairs.value = _choice(pairs, self._pairs.options, "pairs")
         self._set_model(model, block)
-        for w in (self._model, self._path, self._block, self._method, self._pairs):
+        for w in (self._model, self._path, self._other, self._block, self._space, self._method, self._pairs):
             w.observe(self._on_analysis_change, names="value")
         for w in (self._families, self._value):
             w.observe(self._on_view_change, names="value")
@@ -193,9 +168,7 @@ class Explorer:
 
     def describe(self) -> str:
         """One line: the current settings and where the last result came from."""
-        s = self.settings()
-        lo, hi = s["block"]
-        text = f"{s['model']}, layers {lo}–{hi}, method {s['method']}, {s['pairs']} pairs"
+        text = setting_words(self.settings(), html=False)
         if self.from_cache is not None:
             text += ", from the cache" if self.from_cache else ", computed"
         return text
@@ -209,18 +182,25 @@ class Explorer:
         return self._path.value.strip() or self._model.value
 
     def settings(self) -> dict[str, Any]:
-        """The current choice: model, block, method, pairs, families, value."""
-        return dict(model=self.model, block=tuple(self._block.value), method=self._method.value,
+        """The current choice: model, block, space, method, other, pairs, families, value;
+        as it applies: in the activations space ``method`` and ``other`` are None and
+        ``value`` is ``"residual"``, whatever their (disabled) controls say."""
+        weights = self._space.value == "weights"
+        return dict(model=self.model, block=tuple(self._block.value), space=self._space.value,
+                    method=self._method.value if weights else None,
+                    other=(self._other.value.strip() or None) if weights else None,
                     pairs=self._pairs.value, families=list(self._families.value) or None,
-                    value=self._value.value)
+                    value=self._value.value if weights else "residual")
 
     def set(self, model: str | None = None, block: tuple[int, int] | None = None,
             method: str | None = None, pairs: str | None = None,
-            families: Sequence[str] | None = None, value: str | None = None) -> "Explorer":
+            families: Sequence[str] | None = None, value: str | None = None,
+            space: str | None = None, other: str | None = None) -> "Explorer":
         """Change controls without triggering a refresh (call :meth:`refresh` after).
+        ``other=""`` removes the second model.
 
         Raises:
-            ValueError: an unknown method / pairs / value, or a block outside the model.
+            ValueError: an unknown method / pairs / value / space, or a block outside the model.
         """
         self._hold = True
         try:
@@ -228,10 +208,15 @@ class Explorer:
                 self._set_model(model, block)
             elif block is not None:
                 self._set_block(block)
+            if space is not None:
+                self._space.value = _choice(space, SPACES, "space")
+            if other is not None:
+                self._other.value = str(other)
+            self._sync_controls()
             if method is not None:
                 self._method.value = _choice(method, METHODS, "method")
             if pairs is not None:
-                self._pairs.value = _choice(pairs, PAIRS, "pairs")
+                self._pairs.value = _choice(pairs, self._pairs.options, "pairs")
             if value is not None:
                 self._value.value = _choice(value, [v for _, v in VALUES], "value")
             if families is not None:
@@ -255,7 +240,7 @@ class Explorer:
         try:
             n = n_layers(self.model)
         except DriftError as e:
-            self._show_status(f"<b style='color:#b00'>{_esc(e)}</b>", "error")
+            self._show_status(error_html(e), "error")
             return
         self._block.max = n - 1  # clamps the old value into range
         if block is not None:
@@ -268,6 +253,19 @@ class Explorer:
         if not 0 <= lo <= hi <= self._block.max:
             raise ValueError(f"block {block} is outside the model's layers 0..{self._block.max}")
         self._block.value = (lo, hi)
+
+    def _sync_controls(self) -> None:
+        """Enable what applies to the space (method, heatmap value and second model: weights
+        only) and offer the pairs of one model or of two; consecutive <-> diagonal carry over."""
+        weights = self._space.value == "weights"
+        for w in (self._method, self._value, self._other):
+            w.disabled = not weights
+        want = _PAIRS[weights and bool(self._other.value.strip())]
+        if tuple(self._pairs.options) != want:
+            old = self._pairs.value
+            with self._pairs.hold_sync():
+                self._pairs.options = want
+                self._pairs.value = old if old in want else want[0]
 
     def _sync_families(self) -> None:
         """Family options from the result; keep the wanted selection where possible."""
@@ -297,12 +295,14 @@ class Explorer:
     def _on_analysis_change(self, change: dict) -> None:
         if self._hold:
             return
-        if change["owner"] in (self._model, self._path):
+        if change["owner"] in (self._model, self._path, self._space, self._other):
             self._hold = True
             try:
                 if change["owner"] is self._model:  # picking from the list overrides the text box
                     self._path.value = ""
-                self._update_slider()
+                if change["owner"] in (self._model, self._path):
+                    self._update_slider()
+                self._sync_controls()
             finally:
                 self._hold = False
         if self.auto:
@@ -315,7 +315,9 @@ class Explorer:
             chosen = set(self._families.value)
             self._wanted_families = None
             self._unselected = (self._unselected | set(self._families.options)) - chosen
-        if self.auto and self.result is not None:
+        # The result of another analysis setting (the one asked for failed or is not run
+        # yet) is not redrawn under the new setting's name: its figures stay as they are.
+        if self.auto and self.result is not None and self._analysis() == self._result_setting:
             render_s = self._render_and_show()
             self._show_status(self._done_line(render_s), "done")
 
@@ -334,30 +336,33 @@ class Explorer:
         self._requests += 1
         t0 = time.perf_counter()
         self.interrupted = False
-        self._show_status(f"Analysing <code>{_esc(s['model'])}</code>, layers {lo}–{hi}, "
-                          f"{s['method']}, {s['pairs']} pairs …", "running")
+        self._show_status(f"Analysing {setting_words(s)} …", "running")
+        layers = list(range(lo, hi + 1))
+        if s["space"] == "activations":
+            cache, unit, kwargs = self.activation_cache, "batches", dict(self.activation_kwargs)
+        else:  # ``other`` only when there is one: a stand-in analyze need not take it
+            cache, unit = self.cache, "pairs"
+            kwargs = dict(method=s["method"], **({"other": s["other"]} if s["other"] else {}), **self.analyze_kwargs)
         failure: BaseException | None = None
         try:
-            with interruptible(), progress_bar(self._bar, self._bar_text, self.progress) as progress:
-                result, hit = self.cache.get_or_compute(
-                    s["model"], layers=list(range(lo, hi + 1)), pairs=s["pairs"], method=s["method"],
-                    progress=progress, **self.analyze_kwargs)
+            with interruptible(), progress_bar(self._bar, self._bar_text, self.progress, unit) as progress:
+                result, hit = cache.get_or_compute(s["model"], layers=layers, pairs=s["pairs"],
+                                                   progress=progress, **kwargs)
         except BaseException as e:  # noqa: BLE001 - sorted out below
             failure = e
-        if failure is not None and not isinstance(failure, (KeyboardInterrupt, DriftError)):
-            self._show_status(f"<b style='color:#b00'>{type(failure).__name__}: {_esc(failure)}</b>", "error")
-            raise failure
         if isinstance(failure, KeyboardInterrupt):
             self.interrupted = True
-            self._show_status("Interrupted. Nothing was cached; the figures below are the previous "
-                              "ones (their setting is in their caption).", "interrupted")
+            self._show_status(INTERRUPTED, "interrupted")
             return None
-        if failure is not None:
-            self._show_status(f"<b style='color:#b00'>{_esc(failure)}</b>", "error")
+        if failure is not None:  # a DriftError is the user's to fix, in one line; anything else is a bug
+            self._show_status(error_html(failure, with_type=not isinstance(failure, DriftError)), "error")
+            if not isinstance(failure, DriftError):
+                raise failure
             return None
         t1 = time.perf_counter()
         self.result, self.from_cache = result, hit
-        self._result_digest = Cache.digest(self.cache.last_key)
+        self._result_digest = Cache.digest(cache.last_key)
+        self._result_setting = self._analysis()
         self._hold = True
         try:
             self._sync_families()
@@ -375,17 +380,18 @@ class Explorer:
 
     def setting_tag(self) -> str:
         """The current setting as one string; renders and status lines carry it."""
+        return setting_tag(self.settings(), self._families.value)
+
+    def _analysis(self) -> dict[str, Any]:
         s = self.settings()
-        lo, hi = s["block"]
-        fams = ",".join(self._families.value)
-        return f"{s['model']}|{lo}-{hi}|{s['method']}|{s['pairs']}|{s['value']}|{fams}"
+        return {k: s[k] for k in ANALYSIS}
 
     def _render_and_show(self) -> float:
         """Draw (or recall) the figures of the current result and view; return the seconds."""
         t0 = time.perf_counter()
         fams = tuple(self._families.value) or tuple(self.result.families)
         self.figures, pngs = self._drawn.recall(self.result, self._result_digest, fams,
-                                                self._value.value, self.dpi)
+                                                self.settings()["value"], self.dpi)
         self._show(pngs)
         return time.perf_counter() - t0
 
@@ -397,14 +403,6 @@ class Explorer:
     def _show_status(self, html: str, state: str = "done") -> None:
         self.status = html
         self._status.value = status_html(html, self.setting_tag(), state)
-
-
-def _labelled(name: str, control: W.Widget) -> W.HBox:
-    """``control`` with its name on the left, like the other controls' descriptions
-    (ToggleButtons put their own description above the buttons in JupyterLab)."""
-    label = W.HTML(f'<div style="text-align:right; padding-right:8px">{name}</div>',
-                   layout=W.Layout(width="72px", min_width="72px"))
-    return W.HBox([label, control])
 
 
 def _choice(v: str, allowed: Sequence[str], what: str) -> str:

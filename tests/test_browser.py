@@ -1,6 +1,6 @@
 """The explorer notebook in a real browser: JupyterLab + headless system chromium.
 
-Run All on an empty cache, then every control clicked like a user, then an interrupt from
+Run All on an empty cache, then every control clicked (or typed into) like a user, then an interrupt from
 JupyterLab's toolbar. After each step the figures must carry the same setting tag as the
 status line, the tag must say what the control now says, and the page must show no widget
 errors. Screenshots go to $DRIFT_SCREENSHOTS or tests/.browser-screens.
@@ -145,17 +145,19 @@ class Page:
 
 
 def parse(tag: str) -> dict:
-    model, block, method, pairs, value, fams = tag.split("|")
+    model, block, method, pairs, value, space, other, fams = tag.split("|")
     lo, hi = (int(x) for x in block.split("-"))
     return {"model": model, "block": (lo, hi), "method": method, "pairs": pairs, "value": value,
-            "families": fams.split(",") if fams else []}
+            "space": space, "other": other, "families": fams.split(",") if fams else []}
 
 
 def check_caption(s: dict, where: str) -> None:
     """The figures' caption names the setting of the figures (their tag), in words."""
     t = parse(s["render_tag"])
     lo, hi = t["block"]
-    want = f"Figures of {t['model']}, layers {lo}–{hi}, {t['method']}, {t['pairs']} pairs."
+    models = t["model"] + (f" vs {t['other']}" if t["other"] else "")
+    method = t["method"] or "activations (the method does not apply)"
+    want = f"Figures of {models}, layers {lo}–{hi}, {method}, {t['pairs']} pairs."
     assert s["caption"] == want, f"{where}: caption {s['caption']!r}, figures {s['render_tag']!r}"
 
 
@@ -175,7 +177,7 @@ def check_consistent(s: dict, where: str) -> None:
         assert i["tag"] == s["status_tag"], f"{where}: figure {i['alt']} shows {i['tag']!r}, status {s['status_tag']!r}"
         assert i["complete"] and i["w"] > 0 and i["h"] > 0, f"{where}: figure {i['alt']} not drawn: {i}"
     alts = [i["alt"] for i in imgs]
-    want = ["ranking", "drift_along", "heatmaps"]
+    want = ["ranking", "diagonal_along" if parse(s["status_tag"])["other"] else "drift_along", "heatmaps"]
     assert alts == want or alts == ["ranking", "heatmaps"], f"{where}: figures {alts}"
     check_caption(s, where)
     lo, hi = parse(s["status_tag"])["block"]
@@ -222,6 +224,19 @@ def test_explorer_in_jupyterlab(lab, driver):
         step(f"method-{m}", lambda m=m: page.click(".drift-method button", m), lambda t, m=m: t["method"] == m)
     step("pairs-consecutive", lambda: page.click(".drift-pairs button", "consecutive"),
          lambda t: t["pairs"] == "consecutive")
+
+    def type_other(text: str) -> None:  # the second model's box commits on Enter
+        box = driver.find_element("css selector", ".drift-other input")
+        driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", box)
+        box.click()
+        box.send_keys(Keys.CONTROL, "a")
+        box.send_keys(Keys.DELETE)
+        box.send_keys(text + Keys.ENTER if text else Keys.ENTER)
+
+    # MiniLM against itself: layer i of A vs layer i of B, the diagonal (cheap: 6 pairs).
+    step("other-minilm", lambda: type_other("minilm"),
+         lambda t: t["other"] == "minilm" and t["pairs"] == "diagonal" and t["space"] == "weights")
+    step("other-none", lambda: type_other(""), lambda t: t["other"] == "" and t["pairs"] == "consecutive")
     hi0 = parse(page.state()["status_tag"])["block"][1]
 
     def key_on(handle_css: str, key):
@@ -237,6 +252,17 @@ def test_explorer_in_jupyterlab(lab, driver):
     step("pairs-all", lambda: page.click(".drift-pairs button", "all"), lambda t: t["pairs"] == "all")
     step("value-residual", lambda: page.click(".drift-value button", "residual"), lambda t: t["value"] == "residual")
     step("value-rho", lambda: page.click(".drift-value button", "ρ"), lambda t: t["value"] == "rho")
+
+    def disabled(name: str) -> bool:
+        return driver.execute_script(
+            f"return [...document.querySelectorAll('.drift-{name} button')].every(b => b.disabled)")
+
+    step("space-activations", lambda: page.click(".drift-space button", "activations"),
+         lambda t: t["space"] == "activations" and t["method"] == "" and t["value"] == "residual")
+    assert disabled("method") and disabled("value"), "method / value controls enabled for activations"
+    step("space-weights", lambda: page.click(".drift-space button", "weights"),
+         lambda t: t["space"] == "weights" and t["method"] == "exact" and t["value"] == "rho")
+    assert not disabled("method") and not disabled("value")
 
     opts = driver.find_elements("css selector", ".drift-families select option")
     assert len(opts) >= 2, "too few families"

@@ -3,6 +3,7 @@ an interrupted run leaves the cache and the figures as they were."""
 
 from __future__ import annotations
 
+import functools
 import html
 import os
 import re
@@ -14,6 +15,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 
@@ -356,3 +358,214 @@ def test_progress_function_counts_pairs(llama):
     seen = []
     drift.analyze(str(llama), method="raw", pairs="all", progress=lambda d, t: seen.append((d, t)))
     assert seen == [(0, 3), (1, 3), (2, 3), (3, 3)]
+
+
+# --------------------------------------------------------------------------- weights | activations
+
+ACT = dict(n_seq=8, seq_len=32, batch_size=4)
+"""Few, short sequences: enough to draw; the numbers are tests/test_function.py's business."""
+
+
+def _minilm(cache, **kw) -> Explorer:
+    """MiniLM (it has a tokenizer; the toy checkpoints do not), three layers, the fast method."""
+    return Explorer(model="minilm", block=(0, 2), method="raw", cache=cache, progress=False, families=FEW,
+                    activation_kwargs=ACT, **kw)
+
+
+def _caption(ex: Explorer) -> str:
+    return html.unescape(re.sub("<[^>]+>", "", re.search(r'drift-caption[^>]*>(.*?)</div>', ex.output.value).group(1)))
+
+
+def _never_cache(directory: Path) -> Cache:
+    """The activations cache in ``directory``, with a function that fails if it is called (it
+    has activation_similarity's signature, so the keys are the real ones)."""
+    from drift.function import activation_similarity
+
+    @functools.wraps(activation_similarity)
+    def never(*a, **k):
+        raise AssertionError("recomputed: a revisit must come from the cache")
+
+    return Cache(directory, analyze=never, namespace="activations")
+
+
+def test_space_toggle_shows_activations_and_back(cache):
+    ex = _minilm(cache)
+    w = ex.refresh()
+    assert set(w.df["space"]) == {"weights"} and w.method == "raw" and not ex._method.disabled
+
+    a = ex.set(space="activations").refresh()
+    assert a is ex.result and a.meta["space"] == "activations" and set(a.df["space"]) == {"activations"}
+    assert a.families == ["residual_angle", "update_cka"] and a.meta["layers"] == [0, 1, 2]
+    assert ex._method.disabled and ex._value.disabled and ex._other.disabled  # they do not apply
+    assert list(ex._families.options) == a.families and ex._families.value == tuple(a.families)
+    assert set(ex.figures) == {"ranking", "drift_along", "heatmaps"}
+    assert [t.rstrip(" *") for t in _heatmap_titles(ex)] == a.families
+    cbar = [x for x in ex.figures["heatmaps"].axes if x.get_label() == "<colorbar>"][0]
+    assert "residual_angle: distance" in cbar.get_ylabel()  # the activations' own label, not ρ
+    assert ex.settings()["method"] is None and ex.settings()["value"] == "residual"
+    assert _caption(ex) == "Figures of minilm, layers 0–2, activations (the method does not apply), consecutive pairs."
+    figs, status, state = _tags(ex)
+    assert state == "done" and figs == {html.escape(status)}
+    assert status.split("|")[2:7] == ["", "consecutive", "residual", "activations", ""]
+
+    ex.set(space="weights").refresh()
+    assert ex.result.method == "raw" and set(ex.result.df["space"]) == {"weights"} and not ex._method.disabled
+    assert ex.from_cache is True
+    assert [t.rstrip(" *") for t in _heatmap_titles(ex)] == FEW  # the code's selection is back
+    assert _caption(ex) == "Figures of minilm, layers 0–2, raw, consecutive pairs."
+
+
+def test_a_revisited_activation_setting_comes_from_the_cache(cache):
+    ex = _minilm(cache, space="activations")
+    first = ex.refresh()
+    assert ex.from_cache is False and len(cache.entries()) == 1
+    ex.set(pairs="all").refresh()
+    ex.activation_cache = _never_cache(cache.directory)
+    again = ex.set(pairs="consecutive").refresh()
+    assert ex.from_cache is True and "from the cache" in ex.status
+    cols = ["family", "layer_a", "layer_b"]
+    assert again.df[cols].equals(first.df[cols]) and again.df["null"].isna().all()
+    np.testing.assert_allclose(again.df["residual"], first.df["residual"], rtol=1e-9)  # through JSON
+    later = _minilm(Cache(cache.directory), space="activations")  # a new session, same folder
+    later.activation_cache = _never_cache(cache.directory)
+    assert later.refresh().meta["space"] == "activations" and later.from_cache is True
+
+
+def _stand_in(space: str):
+    """A function with analyze's (and activation_similarity's) common arguments, whose result
+    says which one it is."""
+    def run(model, layers=None, pairs="consecutive", seed=0, dtype="float32", device="auto", progress=True):
+        r = make_result("raw", pairs, layers=layers, families=["q_proj"])
+        r.df["space"] = space
+        r.meta["space"] = space
+        return r
+    return run
+
+
+def test_weights_and_activations_never_serve_each_other(llama, tmp_path):
+    # The same signature and the same arguments: only the namespace tells the two apart.
+    w = Cache(tmp_path / "c", analyze=_stand_in("weights"))
+    a = Cache(tmp_path / "c", analyze=_stand_in("activations"), namespace="activations")
+    assert w.path(w.key(llama, layers=[0, 1, 2])) != a.path(a.key(llama, layers=[0, 1, 2]))
+    for first, second in ((w, a), (a, w)):
+        c = Cache(tmp_path / first.namespace, analyze=first.analyze, namespace=first.namespace)
+        other = Cache(c.directory, analyze=second.analyze, namespace=second.namespace)
+        r, hit = c.get_or_compute(llama, layers=[0, 1, 2])
+        assert not hit and r.meta["space"] == first.namespace
+        r, hit = other.get_or_compute(llama, layers=[0, 1, 2])  # an entry of the other kind is there ...
+        assert not hit and r.meta["space"] == second.namespace  # ... and is not served
+        for cc in (c, other):
+            r, hit = cc.get_or_compute(llama, layers=[0, 1, 2])
+            assert hit and r.meta["space"] == cc.namespace and set(r.df["space"]) == {cc.namespace}
+        assert len(c.entries()) == 2
+
+
+def test_the_activation_key_holds_the_tokenizer_and_the_text(checkpoint_copy, tmp_path):
+    folder = checkpoint_copy("llama")
+    c = Cache(tmp_path / "c", namespace="activations")
+    bare = c.key(folder, layers=[0, 1])
+    assert bare["namespace"] == "activations" and "namespace" not in Cache(tmp_path / "c").key(folder)
+    (folder / "tokenizer.json").write_text("{}")
+    with_tok = c.key(folder, layers=[0, 1])
+    assert with_tok != bare
+    (folder / "tokenizer.json").write_text('{"model": {}}')  # edited in place
+    assert c.key(folder, layers=[0, 1]) != with_tok
+    text = tmp_path / "prose.txt"
+    text.write_text("one text")
+    k1 = c.key(folder, layers=[0, 1], text=text)
+    text.write_text("another text")  # same path, new content
+    assert c.key(folder, layers=[0, 1], text=text) != k1 != c.key(folder, layers=[0, 1])
+    assert c.key(folder, tokens="random")["inputs"]["text"] is None  # random ids read no text
+
+
+def test_no_tokenizer_is_one_line_and_keeps_the_figures(llama, cache):
+    ex = _explorer(llama, cache, activation_kwargs=ACT)
+    ex.refresh()
+    before_result, before_figs, old_tag = ex.result, dict(ex.figures), ex.setting_tag()
+    assert ex.set(space="activations").refresh() is None
+    assert "no tokenizer" in ex.status and "\n" not in ex.status
+    figs, status, state = _tags(ex)
+    assert state == "error" and figs == {html.escape(old_tag)} and status != old_tag
+    assert ex.result is before_result and ex.figures == before_figs
+    assert _caption(ex) == f"Figures of {llama}, layers 0–2, exact, consecutive pairs."
+    ex._families.value = ("k_proj",)  # a view change: the weights result is not redrawn as activations
+    assert _tags(ex)[0] == {html.escape(old_tag)} and ex.figures == before_figs
+
+
+def test_bad_space_and_activation_arguments(llama, cache, tmp_path):
+    with pytest.raises(ValueError, match="space must be one of weights, activations"):
+        _explorer(llama, cache).set(space="function")
+    with pytest.raises(ValueError, match="space must be one of"):
+        _explorer(llama, cache, space="function")
+    with pytest.raises(ValueError, match="reads the default text"):
+        _explorer(llama, cache, activation_kwargs=dict(text=tmp_path / "t.txt"))
+    with pytest.raises(ValueError, match="namespace must be one of weights, activations"):
+        Cache(tmp_path, namespace="function")
+
+
+# --------------------------------------------------------------------------- a second model
+
+@pytest.fixture
+def unrelated(tmp_path) -> Path:
+    """A llama of the toy's shapes and another seed."""
+    import torch
+
+    from drift import toy
+
+    return toy.save(toy.tiny_model("llama", seed=1, dtype=torch.float32), tmp_path / "unrelated")
+
+
+def test_a_second_model_gives_the_cross_result_and_its_figures(llama, unrelated, cache):
+    ex = _explorer(llama, cache)
+    ex.refresh()
+    ex.set(other=str(unrelated))
+    assert ex._pairs.options == ("diagonal", "all") and ex._pairs.value == "diagonal"
+    r = ex.refresh()
+    assert r.cross_model and r.meta["other"]["model"] == str(unrelated) and r.pairs == [(0, 0), (1, 1), (2, 2)]
+    assert set(ex.figures) == {"ranking", "diagonal_along", "heatmaps"}
+    assert "diagonal pairs" in _all_titles(ex) and "llama-single-float32 vs unrelated" in _all_titles(ex)
+    heat = ex.figures["heatmaps"]  # A x B: rows are layers of the model, columns of the other
+    assert (heat._supylabel.get_text(), heat._supxlabel.get_text()) == ("layer of llama-single-float32",
+                                                                        "layer of unrelated")
+    assert "between the models' layers" in heat._suptitle.get_text()
+    assert _caption(ex) == f"Figures of {llama} vs {unrelated}, layers 0–2, exact, diagonal pairs."
+    figs, status, _ = _tags(ex)
+    assert figs == {html.escape(status)} and status.split("|")[3:7] == ["diagonal", "rho", "weights", str(unrelated)]
+
+    r = ex.set(pairs="all").refresh()
+    assert r.cross_model and len(r.pairs) == 9 and set(ex.figures) == {"ranking", "diagonal_along", "heatmaps"}
+
+    ex.set(other="")  # back to one model: its pairs again, "all" carried over
+    assert ex._pairs.options == ("consecutive", "all") and ex._pairs.value == "all"
+    assert not ex.refresh().cross_model and "drift_along" in ex.figures
+
+
+def test_the_second_model_is_for_weights_only(llama, unrelated, cache):
+    ex = _explorer(llama, cache, other=str(unrelated))
+    assert ex._pairs.value == "diagonal" and ex.settings()["other"] == str(unrelated)
+    ex.set(space="activations")
+    assert ex._other.disabled and ex.settings()["other"] is None
+    assert ex._pairs.options == ("consecutive", "all") and ex._pairs.value == "consecutive"
+    ex.set(space="weights")
+    assert ex._pairs.value == "diagonal" and ex.settings()["other"] == str(unrelated)
+    with pytest.raises(ValueError, match="pairs must be one of diagonal, all"):
+        ex.set(pairs="consecutive")
+    with pytest.raises(ValueError, match="pairs must be one of consecutive, all"):
+        _explorer(llama, cache).set(pairs="diagonal")
+
+
+@pytest.mark.parametrize("name,config,message", [
+    ("qwen3", {}, r"architecture differs \(llama vs qwen3\)"),
+    ("llama", {"intermediate_size": 96}, r"d_ff 128 vs 96"),
+])
+def test_a_mismatched_second_model_is_one_line_and_keeps_the_figures(name, config, message, llama, cache,
+                                                                      toy_checkpoint, checkpoint_copy):
+    other = checkpoint_copy(name, **config) if config else toy_checkpoint(name)[0]
+    ex = _explorer(llama, cache)
+    ex.refresh()
+    before_result, before_figs, old_tag = ex.result, dict(ex.figures), ex.setting_tag()
+    ex._other.value = str(other)  # what typing a folder and pressing enter does
+    assert ex.result is before_result and ex.figures == before_figs
+    assert re.search(message, ex.status) and "\n" not in ex.status
+    figs, status, state = _tags(ex)
+    assert state == "error" and figs == {html.escape(old_tag)} and status.split("|")[6] == str(other)

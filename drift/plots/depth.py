@@ -106,12 +106,15 @@ def _along(result: AnalysisResult, d, families, ax, value: str, label, xlabel: s
         elif has_null:
             ax.plot([], [], color="black", ls="--", lw=1.0, label="null of each family (dashed)")
         ax.set_ylim(bottom=0)
-        if has_null:
-            ax.set_ylabel("residual / null\n(unit-normalised Frobenius)", fontsize=9)
-            what = "residual vs null along the depth"
-        else:
-            ax.set_ylabel("residual\n(unit-normalised Frobenius)", fontsize=9)
-            what = "residual along the depth (no null computed)"
+        space = result.meta.get("space")
+        if space in (None, "weights"):
+            ax.set_ylabel(("residual / null" if has_null else "residual") + "\n(unit-normalised Frobenius)",
+                          fontsize=9)
+        else:  # activation measures, tie damage: say what the numbers are
+            ax.set_ylabel(value_label("residual", result) + (" / null" if has_null else ""), fontsize=9)
+        what = "residual vs null along the depth" if has_null else "residual along the depth (no null computed)"
+        if space == "activations":
+            what = "activation measures along the depth"
     ax.set_xticks(range(len(pairs)), [label(*p) for p in pairs])
     if len(pairs) > 16:
         for k, lab in enumerate(ax.get_xticklabels()):
