@@ -73,7 +73,8 @@ decides how many layer forms are held at once; tests/test_schedule.py: pipelined
 sequential)."""
 
 NAMESPACES = {"weights": ("drift.analysis", "analyze"),
-              "activations": ("drift.function", "activation_similarity")}
+              "activations": ("drift.function", "activation_similarity"),
+              "tie": ("drift.function.tie", "tie")}
 """The functions a cache holds, by namespace (module, name). A key of ``weights`` carries no
 namespace, so that entries written before there were namespaces stay valid; every other key
 names its namespace, so its digest (and file) can never be a weights entry's."""
@@ -187,7 +188,7 @@ class Cache:
         analyze: the function to cache (default: the namespace's, :func:`drift.analyze` for
             ``weights``); its signature decides which arguments enter the key. Tests pass a
             stand-in.
-        namespace: ``"weights"`` (default) or ``"activations"``
+        namespace: ``"weights"`` (default), ``"activations"`` or ``"tie"``
             (:func:`drift.function.activation_similarity`), see :data:`NAMESPACES`. Caches of
             different namespaces may share a folder: their keys never match.
 
@@ -263,7 +264,7 @@ class Cache:
         key = {"format": FORMAT, **checkpoint(ckpt), "args": args, "drift": __version__, "code": code_digest()}
         if other is not None:
             key["other"] = checkpoint(open_(other))
-        if self.namespace == "activations":
+        if self.namespace != "weights":  # a run of the model on text
             key["namespace"] = self.namespace
             key["inputs"] = _run_inputs(ckpt, bound.arguments)
         return key
@@ -436,4 +437,20 @@ def cached_analyze(model: Any, *, cache: Cache | str | Path | None = None, refre
     return cache.get_or_compute(model, refresh=refresh, **kwargs)[0]
 
 
-__all__ = ["Cache", "cached_analyze", "default_dir"]
+def cached_function(model: Any, *, cache: Cache | str | Path | None = None, refresh: bool = False,
+                    **kwargs: Any) -> AnalysisResult:
+    """:func:`drift.function.activation_similarity` through the disk cache (its own namespace
+    in the same folder: keyed also by the tokenizer's files and the text's SHA-256)."""
+    c = Cache(cache if not isinstance(cache, Cache) else cache.directory, namespace="activations")
+    return c.get_or_compute(model, refresh=refresh, **kwargs)[0]
+
+
+def cached_tie(model: Any, *, cache: Cache | str | Path | None = None, refresh: bool = False,
+               **kwargs: Any) -> AnalysisResult:
+    """:func:`drift.function.tie` through the disk cache (namespace ``tie``, keyed as
+    :func:`cached_function`)."""
+    c = Cache(cache if not isinstance(cache, Cache) else cache.directory, namespace="tie")
+    return c.get_or_compute(model, refresh=refresh, **kwargs)[0]
+
+
+__all__ = ["Cache", "cached_analyze", "cached_function", "cached_tie", "default_dir"]

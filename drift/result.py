@@ -143,9 +143,28 @@ class AnalysisResult:
             "normalized": layout("rho"),
             "pairs_list": [list(p) for p in pairs],
             "invariant": {f: bool(self.df[self.df["family"] == f]["invariant"].all()) for f in fams},
-            "rows": json.loads(self.df[COLUMNS + list(OPTIONAL_COLUMNS)].to_json(orient="records")),
+            "rows": self._rows(),
             **{k: v for k, v in self.meta.items() if k not in ("model",)},
         }
+
+    def _rows(self) -> list[dict[str, Any]]:
+        """The table as JSON records, every float exact (Python's shortest repr; pandas'
+        ``to_json`` keeps 10 decimal places, so 5e-14 became 0), NaN as null."""
+        def py(v: Any) -> Any:
+            if isinstance(v, (bool, np.bool_)):
+                return bool(v)
+            if isinstance(v, (int, np.integer)):
+                return int(v)
+            if isinstance(v, (float, np.floating)):
+                return None if np.isnan(v) else float(v)
+            return v
+
+        return [{k: py(v) for k, v in r.items()} for r in self.df[self._column_order()].to_dict(orient="records")]
+
+    def _column_order(self) -> list[str]:
+        """The table's columns as stored: the fixed ones, then any others a result carries
+        (``space``, a tie's ``embedding_cos`` …), none dropped."""
+        return COLUMNS + [c for c in self.df.columns if c not in COLUMNS]
 
     def to_json(self, path: str | Path) -> Path:
         from .output import write_atomic
@@ -156,8 +175,12 @@ class AnalysisResult:
     def from_json_dict(cls, d: dict[str, Any]) -> "AnalysisResult":
         import pandas as pd
 
-        extra = [c for c in OPTIONAL_COLUMNS if any(c in r for r in d["rows"])]
-        df = pd.DataFrame.from_records(d["rows"], columns=COLUMNS + extra)
+        seen = list(dict.fromkeys(c for r in d["rows"] for c in r))  # every column a row has
+        df = pd.DataFrame.from_records(d["rows"], columns=COLUMNS + [c for c in seen if c not in COLUMNS])
+        for c in df.columns:  # a number column that is all null (no null computed) is float NaN, not object
+            vals = [v for v in df[c] if v is not None]
+            if df[c].dtype == object and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
+                df[c] = df[c].astype(float)
         skip = {"family_residuals", "null_residuals", "normalized", "pairs_list", "invariant", "rows",
                 "block_start", "block_end"}
         meta = {k: v for k, v in d.items() if k not in skip}

@@ -182,3 +182,32 @@ def test_tie_and_activations_on_the_trained_causal_lm():
     assert ex.df[["layer_a", "layer_b"]].values.tolist() == [[3, 2]]
     a = activation_similarity("tiny-qwen3", layers=[0, 1, 2], n_seq=4, seq_len=32, progress=False)
     assert set(a.df.family) == {"residual_angle", "update_cka"} and a.df["residual"].between(0, 1).all()
+
+
+def test_tie_results_are_cached_in_their_own_namespace(planted, tmp_path, monkeypatch):
+    import importlib
+
+    from drift import cache as dcache
+
+    tie_module = importlib.import_module("drift.function.tie")  # the module (drift.function.tie is the function)
+
+    folder, _, _ = planted("bert")
+    kw = dict(family="q_proj", layers=[0, 1], **FAST)
+    first = dcache.cached_tie(folder, cache=tmp_path, **kw)
+    calls = []
+    real = tie_module.tie
+    import functools
+
+    @functools.wraps(real)  # the key binds the function's signature
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(tie_module, "tie", counting)
+    again = dcache.cached_tie(folder, cache=tmp_path, **kw)
+    assert not calls and again.df.equals(first.df) and again.meta["block"] == first.meta["block"]
+    dcache.cached_tie(folder, cache=tmp_path, **{**kw, "method": "raw"})
+    assert calls == [1]  # another argument, another entry
+    keys = {ns: dcache.Cache(tmp_path, namespace=ns).path(dcache.Cache(tmp_path, namespace=ns).key(
+        folder, **({"layers": [0, 1]} if ns != "tie" else kw))) for ns in ("weights", "tie")}
+    assert keys["weights"] != keys["tie"]
