@@ -82,3 +82,14 @@ def checkpoint_copy(toy_checkpoint, tmp_path_factory) -> Callable[..., Path]:
         return dst
 
     return copy_
+
+
+@pytest.fixture(autouse=True)
+def _no_figures_left_over():
+    """Each test starts with no pyplot figure: a figure one test leaves open would fail a
+    later test that checks that drawing leaves none (tests/test_widgets.py)."""
+    yield
+    import sys
+
+    if "matplotlib.pyplot" in sys.modules:
+        sys.modules["matplotlib.pyplot"].close("all")

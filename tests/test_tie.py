@@ -168,6 +168,9 @@ def test_weight_vs_tie_figure(planted):
     table = plots.function.weight_tie_table(w, t)
     assert len(table) == 4 and set(table.columns) >= {"weight", "tie"}
     assert plots.function.spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    import matplotlib.pyplot as plt
+
+    plt.close(ax.figure)  # later tests check that pyplot holds no figure
 
 
 def test_tie_and_activations_on_the_trained_causal_lm():

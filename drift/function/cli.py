@@ -50,7 +50,7 @@ def _output_args(p: argparse.ArgumentParser, default_name: str) -> None:
                    help=f"JSON output path (default: {default_name} here, never over an earlier file). "
                         "Refused inside the model folder.")
     p.add_argument("--force", action="store_true", help="replace --out even if it is not a drift result")
-    p.add_argument("--device", default="cpu", help="cpu (default) | auto | cuda")
+    p.add_argument("--device", default="auto", help="auto (default: the GPU when there is one, as drift analyze) | cpu | cuda")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     p.add_argument("--quiet", action="store_true", help="no progress bar, no table")
 

@@ -170,7 +170,7 @@ def _reduce(net, template: str, layers: list[int], plist, batches, dev, model: s
 def activation_similarity(model: str | Path, layers: Iterable[int] | None = None, pairs: str = "consecutive",
                           text: str | Path | None = None, tokens: str = "text", n_seq: int = N_SEQ,
                           seq_len: int = SEQ_LEN, seed: int = 0, batch_size: int = BATCH_SIZE,
-                          dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
+                          dtype: str | torch.dtype = "float32", device: str | torch.device = "auto",
                           progress: bool | Callable[[int, int], None] = True) -> AnalysisResult:
     """Activation similarity between pairs of layers of ``model`` (see the module docstring).
 
@@ -186,7 +186,7 @@ def activation_similarity(model: str | Path, layers: Iterable[int] | None = None
         seed: which windows of the text (or which random ids) are used.
         batch_size: sequences per forward pass.
         dtype: the model's ``float32`` (default) or ``float64``; the sums are float64 always.
-        device: ``cpu`` (default) | ``auto`` | ``cuda``.
+        device: ``auto`` (default: the GPU when there is one, as :func:`drift.analyze`) | ``cpu`` | ``cuda``.
         progress: a tqdm bar over batches, or ``progress(done, total)`` called per batch.
 
     Returns:

@@ -218,7 +218,7 @@ def _outputs(net, ids: Tensor, mask: Tensor, causal: bool) -> Tensor:
 def tie(model: str, family: str | Iterable[str] = "all", layers: Iterable[int] | None = None,
         method: str = "exact", reference: str | int = "previous", text: str | Path | None = None,
         tokens: str = "text", n_seq: int = N_SEQ, seq_len: int = SEQ_LEN, seed: int = 0,
-        batch_size: int = BATCH_SIZE, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
+        batch_size: int = BATCH_SIZE, dtype: str | torch.dtype = "float32", device: str | torch.device = "auto",
         progress: bool | Callable[[int, int], None] = True) -> AnalysisResult:
     """The shared-operator test for ``family`` over a block of ``model`` (see the module docstring).
 
@@ -232,7 +232,7 @@ def tie(model: str, family: str | Iterable[str] = "all", layers: Iterable[int] |
         text, tokens, n_seq, seq_len, seed, batch_size: what the model reads, as
             :func:`drift.function.activation_similarity` (``seed`` also draws the null rotations).
         dtype: the model's ``float32`` (default) or ``float64``; fits are float64 always.
-        device: ``cpu`` (default) | ``auto`` | ``cuda``.
+        device: ``auto`` (default: the GPU when there is one, as :func:`drift.analyze`) | ``cpu`` | ``cuda``.
         progress: a tqdm bar, or ``progress(done, total)``.
 
     Returns:
