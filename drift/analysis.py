@@ -186,7 +186,7 @@ def analyze(model: str | LayerReader, layers: Iterable[int] | None = None, pairs
                            consume=True),
         keys, budget)
     draws = NullDraws(sym.d_model, n_null, seed, tdtype, dev)
-    tally = _Tally(len(plist), n_null, _progress_bar(progress, len(plist), method))
+    tally = _Tally(len(plist), n_null, _progress_bar(progress, len(plist), f"drift {method}"))
 
     def start(task: schedule.Task) -> methods.Comparison:
         a, b = keys[task.pair]
@@ -280,12 +280,13 @@ def _layers(layers: Iterable[int] | None, n_layers: int, minimum: int = 2) -> li
     return out
 
 
-def _progress_bar(progress, total: int, method: str):
+def _progress_bar(progress, total: int, desc: str, unit: str = "pair"):
+    """A tqdm bar (``progress`` True/False), or ``progress(done, total)`` called as it advances."""
     if callable(progress):
         return _CallbackBar(progress, total)
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=f"drift {method}", unit="pair", disable=not progress, leave=False)
+    return tqdm(total=total, desc=desc, unit=unit, disable=not progress, leave=False)
 
 
 def _result(name: str, reader: LayerReader, m: methods.Method, plist, obs, null_sum, args: dict) -> AnalysisResult:

@@ -11,7 +11,7 @@ from typing import Callable, Iterable
 import torch
 
 from .. import __version__, families
-from ..analysis import _CallbackBar, _dtype, _layers, layer_pairs, resolve_device
+from ..analysis import _progress_bar, _dtype, _layers, layer_pairs, resolve_device
 from ..archs import find_arch
 from ..canonical import n_layers_of
 from ..checkpoint import read_config, resolve_model
@@ -34,14 +34,18 @@ class _Stop(Exception):
     """Raised by the hook of the last layer compared: nothing after it is needed."""
 
 
-def _load_model(folder: Path, model: str, dtype: torch.dtype, dev: torch.device, quiet: bool):
+def _load_model(folder: Path, model: str, dtype: torch.dtype, dev: torch.device, quiet: bool,
+                causal: bool = False):
+    """The checkpoint as a ``transformers`` model (``AutoModelForCausalLM`` when ``causal``:
+    its logits; else ``AutoModel``), local files only, refused if any weight is missing."""
     transformers = require_transformers()
+    cls = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
     bars = transformers.utils.logging
     shown = bars.is_progress_bar_enabled()
     if quiet:
         bars.disable_progress_bar()  # transformers' own "Loading weights" bar
     try:
-        net, info = transformers.AutoModel.from_pretrained(
+        net, info = cls.from_pretrained(
             folder, local_files_only=True, trust_remote_code=False, dtype=dtype, output_loading_info=True)
     except Exception as e:  # noqa: BLE001 - any failure of a third-party loader is the checkpoint's
         where = "" if Path(model) == folder else f" (from {folder})"
@@ -126,12 +130,6 @@ def _batches(seqs: list[list[int]], size: int, pad: int):
         yield ids, mask
 
 
-def _progress_bar(progress, total: int):
-    if callable(progress):
-        return _CallbackBar(progress, total)
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="drift function", unit="batch", disable=not progress, leave=False)
 
 
 def setup(model: str, layers, seed, dtype, device):
@@ -212,7 +210,7 @@ def activation_similarity(model: str | Path, layers: Iterable[int] | None = None
         log.warning("the text gives %d sequences of %d tokens, not the %d asked for", len(seqs), seq_len, n_seq)
 
     net = _load_model(folder, str(model), tdtype, dev, quiet=not progress)
-    bar = _progress_bar(progress, -(-len(seqs) // batch_size))
+    bar = _progress_bar(progress, -(-len(seqs) // batch_size), "drift function", "batch")
     try:
         angle, moments, n_tok = _reduce(net, spec.layers, layers, plist, _batches(seqs, batch_size, pad), dev,
                                         str(model), bar)

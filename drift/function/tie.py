@@ -46,10 +46,10 @@ import torch
 
 from .. import __version__
 from ..align import random_orthogonal
-from ..analysis import _CallbackBar
+from ..analysis import _progress_bar
 from ..canonical import CanonicalLayer, LayerReader, layer_state_dict
 from ..checkpoint import Checkpoint
-from ..errors import CheckpointError, DriftError
+from ..errors import DriftError
 from ..methods import get as get_method
 from ..result import AnalysisResult
 
@@ -195,18 +195,6 @@ def _is_causal(config: dict) -> bool:
     return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in config.get("architectures") or [])
 
 
-def _load(folder: Path, model: str, causal: bool, dtype: torch.dtype, dev: torch.device):
-    from .text import first_line, require_transformers
-
-    transformers = require_transformers()
-    cls = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
-    try:
-        net = cls.from_pretrained(folder, local_files_only=True, trust_remote_code=False, dtype=dtype)
-    except Exception as e:  # noqa: BLE001 - any failure of a third-party loader is the checkpoint's
-        raise CheckpointError(f"{model}: transformers cannot load {folder} ({first_line(e)})") from None
-    return net.to(dev).eval()
-
-
 def _outputs(net, ids: Tensor, mask: Tensor, causal: bool) -> Tensor:
     with torch.inference_mode():
         out = net(input_ids=ids, attention_mask=mask)
@@ -242,7 +230,7 @@ def tie(model: str, family: str | Iterable[str] = "all", layers: Iterable[int] |
         tie's, ``rho`` their ratio, and ``ce_change`` (causal) or ``embedding_cos`` (encoder);
         ``meta["block"]`` the same numbers with every target of the block tied at once.
     """
-    from .run import _batches, setup
+    from .run import _batches, _load_model, setup
     from .text import check_reading, reading
 
     check_reading(n_seq, seq_len, batch_size, tokens, text)
@@ -255,13 +243,13 @@ def tie(model: str, family: str | Iterable[str] = "all", layers: Iterable[int] |
     causal = _is_causal(config)
 
     variants = [(f, scope, null) for f in fams for scope in [*(t for _, t in pairs), "block"] for null in (False, True)]
-    bar = _bar(progress, len(pairs) + len(variants))
+    bar = _progress_bar(progress, len(pairs) + len(variants), "drift tie", "step")
     try:
         carried = []
         for p in pairs:
             carried += carry(reader, [p], method, seed * 1000 + p[1])
             bar.update(1)
-        net = _load(folder, str(model), causal, tdtype, dev)
+        net = _load_model(folder, str(model), tdtype, dev, quiet=not progress, causal=causal)
         batches = [(ids.to(dev), mask.to(dev)) for ids, mask in _batches(seqs, batch_size, pad)]
         base = [_outputs(net, ids, mask, causal) for ids, mask in batches]
         original = {c.target: reader.read(c.target) for c in carried}
@@ -285,15 +273,7 @@ def tie(model: str, family: str | Iterable[str] = "all", layers: Iterable[int] |
         layers=layers, families=fams, seed=seed, dtype=str(tdtype).replace("torch.", ""), device=str(dev),
         drift_version=__version__, tokens=tokens, text=source, n_seq=len(seqs), seq_len=seq_len,
         n_tokens=int(sum(int(mask.sum()) for _, mask in batches)), batch_size=batch_size,
-        function_preserving_alignment=m.fit.__self__.name == "exact"))
-
-
-def _bar(progress, total: int):
-    if callable(progress):
-        return _CallbackBar(progress, total)
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="drift tie", unit="step", disable=not progress, leave=False)
+        function_preserving_alignment=not m.approximate))
 
 
 def _result(damage: Damage, fams: list[str], carried: list[Carried], causal: bool, meta: dict) -> AnalysisResult:
@@ -305,7 +285,7 @@ def _result(damage: Damage, fams: list[str], carried: list[Carried], causal: boo
         for c in carried:
             (d, d2), (n, n2) = damage.value((f, c.target, False)), damage.value((f, c.target, True))
             rows.append(dict(family=f, layer_a=c.reference, layer_b=c.target, residual=d, null=n,
-                             rho=d / n if n > 0 else float("nan"), invariant=meta["method"] == "exact",
+                             rho=d / n if n > 0 else float("nan"), invariant=meta["function_preserving_alignment"],
                              kind="tie", space="tie", **{second: d2, f"null_{second}": n2}))
         (d, d2), (n, n2) = damage.value((f, "block", False)), damage.value((f, "block", True))
         block[f] = {"damage": d, "null": n, "rho": d / n if n > 0 else float("nan"), second: d2, f"null_{second}": n2}

@@ -31,6 +31,12 @@ def rotation_form(layer: CanonicalLayer) -> Form:
                 gains=gains)
 
 
+def _head_rotations(fa: Form, fb: Form) -> Tensor:
+    """One O(d_head) per query head tying Q/K/V/O, (n_heads, d_head, d_head): R_h = polar(Σ B Aᵀ)."""
+    t = lambda X: X.transpose(-1, -2)  # noqa: E731
+    return polar(fb.Q @ t(fa.Q) + fb.K @ t(fa.K) + fb.V @ t(fa.V) + t(fb.O) @ fa.O)
+
+
 def rotation_compare(fa: Form, fb: Form, fit: bool = True) -> dict[str, float]:
     """Per-family residuals with one O(d_head) rotation per query head (R_h = polar(Σ B Aᵀ),
     orientation corrected) and one O(d_ff) rotation of the MLP units; the mean over heads is
@@ -39,10 +45,8 @@ def rotation_compare(fa: Form, fb: Form, fit: bool = True) -> dict[str, float]:
         raise ValueError("rotation_compare needs eagerly rotated forms (rotate_residual(R))")
     Qa, Ka, Va, Oa = fa.Q, fa.K, fa.V, fa.O
     if fit:
-        t = lambda X: X.transpose(-1, -2)  # noqa: E731
-        M = fb.Q @ t(Qa) + fb.K @ t(Ka) + fb.V @ t(Va) + t(fb.O) @ Oa  # (nh, dh, dh)
-        R = polar(M)
-        Qa, Ka, Va, Oa = R @ Qa, R @ Ka, R @ Va, Oa @ t(R)
+        R = _head_rotations(fa, fb)
+        Qa, Ka, Va, Oa = R @ Qa, R @ Ka, R @ Va, Oa @ R.transpose(-1, -2)
     hn = lambda X, Y: fro(X - Y, keep=1).mean()  # noqa: E731
     out = {"q_proj": float(hn(Qa, fb.Q)), "k_proj": float(hn(Ka, fb.K)),
            "v_proj": float(hn(Va, fb.V)), "o_proj": float(hn(Oa, fb.O))}
@@ -131,8 +135,7 @@ def fit_rotation(layer_a: CanonicalLayer, layer_b: CanonicalLayer, fit: bool = T
     if not fit:
         return RotationAlignment(None, None)
     fa, fb = (rotation_form(L.map(lambda t: t.double())) for L in (layer_a, layer_b))
-    t = lambda X: X.transpose(-1, -2)  # noqa: E731
-    R = polar(fb.Q @ t(fa.Q) + fb.K @ t(fa.K) + fb.V @ t(fa.V) + t(fb.O) @ fa.O)
+    R = _head_rotations(fa, fb)
     As = ([fa.G] if fa.G is not None else []) + [fa.U, fa.D.T]
     Bs = ([fb.G] if fb.G is not None else []) + [fb.U, fb.D.T]
     return RotationAlignment(R, _full_procrustes(As, Bs))
