@@ -123,7 +123,8 @@ class _CallbackBar:
 def analyze(model: str | LayerReader, layers: Iterable[int] | None = None, pairs: str | None = None,
             method: str = "exact", seed: int = 0, n_null: int = 1, dtype: str | torch.dtype = "float32",
             device: str | torch.device = "auto", progress: bool | Callable[[int, int], None] = True,
-            form_budget: int = FORM_BUDGET, other: str | LayerReader | None = None) -> AnalysisResult:
+            form_budget: int = FORM_BUDGET, other: str | LayerReader | None = None,
+            scheduler=None) -> AnalysisResult:
     """Drift between pairs of layers of ``model`` (or of ``model`` and ``other``), per weight family.
 
     Args:
@@ -150,6 +151,12 @@ def analyze(model: str | LayerReader, layers: Iterable[int] | None = None, pairs
             shapes: ``layer_a`` is then a layer of ``model``, ``layer_b`` a layer of ``other``,
             and the null partner is ``other``'s layer with its residual stream rotated. The
             same model twice is allowed (its diagonal is 0).
+        scheduler: where the pairs run. ``None``: here. An address (``"tcp://host:8786"``) or
+            a ``distributed.Client``: one task per pair on that Dask cluster, each worker
+            opening ``model`` (and ``other``) itself, so they must be names, not open readers,
+            that mean the same checkpoint there (:mod:`drift.cluster`; needs the ``cluster``
+            extra). The result is the local one, number for number. A client made from an
+            address is closed at the end; a given Client is left open.
 
     Returns:
         An :class:`AnalysisResult`: one row per (family, pair) with ``residual`` (unit-normalised
@@ -160,7 +167,8 @@ def analyze(model: str | LayerReader, layers: Iterable[int] | None = None, pairs
     Raises:
         ModelMismatchError: ``other`` has another architecture, depth or layer shapes.
         DriftError: bad method/pairs/device, a layer out of range, fewer than two layers (one
-            model), or any checkpoint problem (see :mod:`drift.errors`).
+            model), or any checkpoint problem (see :mod:`drift.errors`); with ``scheduler``, an
+            open reader, no ``distributed`` installed, or no scheduler at that address.
     """
     m = methods.get(method)
     if isinstance(n_null, bool) or not isinstance(n_null, int) or n_null < 0:
@@ -170,70 +178,124 @@ def analyze(model: str | LayerReader, layers: Iterable[int] | None = None, pairs
     cross = other is not None
     pairs = default_pairs(pairs, cross)
     layer_pairs([], pairs, cross)  # a bad choice is named before any checkpoint is opened
+    if scheduler is not None:
+        from . import cluster
+
+        cluster.check(scheduler, (model, other))
     readers, names = _readers(model, other, tdtype)  # form key (k, L): layer L of readers[k]
     reader = readers[0]
     dev = resolve_device(device)
     layers = _layers(layers, reader.n_layers, minimum=1 if cross else 2)
     plist = layer_pairs(layers, pairs, cross)
     keys = [((0, a), (1 if cross else 0, b)) for a, b in plist]  # the store's pairs
-    sym = reader.sym
-    memory.for_layers(sym, torch.empty((), dtype=tdtype).element_size())
+    memory.for_layers(reader.sym, torch.empty((), dtype=tdtype).element_size())
+    bar = _progress_bar(progress, len(plist), f"drift {method}")
+    try:
+        if scheduler is None:
+            obs, null_sum, certs = compare_pairs(readers, m, keys, range(len(plist)), n_null, seed, tdtype, dev,
+                                                 form_budget, bar)
+        else:
+            obs, null_sum, certs = cluster.compare_pairs(scheduler, (model, other), m, keys, n_null, seed, tdtype,
+                                                  dev, form_budget, bar)
+    finally:
+        bar.close()
+        for r in readers:
+            r.ckpt.close()
+    result = _result(names[0], reader, m, plist, obs, null_sum,
+                     dict(pairs=pairs, layers=layers, seed=seed, n_null=n_null, dtype=tdtype, device=dev))
+    if cross:
+        result.meta["other"] = dict(model=names[1], identity=readers[1].ckpt.identity())
+    if certs:
+        result.meta["assignment"] = assignment_summary(certs)
+    return result
 
+
+def assignment_summary(certs: Sequence[dict]) -> dict:
+    """What the results say of their MLP assignments solved by the certified sparse path."""
+    return dict(
+        solver="certified sparse (scipy min_weight_full_bipartite_matching on each row's top-k "
+               "candidates, then an LP-duality check of every dense entry; drift.certified)",
+        assignments=len(certs), dense_fallbacks=sum(c["dense_fallback"] for c in certs),
+        max_rounds=max(c["rounds"] for c in certs), violators=sum(c["violators"] for c in certs),
+        max_relative_gap_bound=max(c["relative_gap_bound"] for c in certs))
+
+
+Values = dict[int, dict[str, float]]
+"""Per pair (its index in the analysis's pair list), a value per family."""
+
+
+def compare_pairs(readers: Sequence[LayerReader], m: methods.Method, keys: Sequence[tuple],
+                  ids: Iterable[int], n_null: int, seed: int, dtype: torch.dtype, dev: torch.device,
+                  form_budget: int, bar, executor=None) -> tuple[Values, Values, list[dict]]:
+    """The observed values and null means of the pairs ``ids``, as ``(obs, null_sum, certs)``,
+    with a summary of each certified assignment (``certs``, see :meth:`_Tally.certified`).
+
+    ``keys`` is the analysis's whole pair list, as form keys ``(model, layer)`` into
+    ``readers``; ``ids`` index it. A pair's numbers do not depend on which others run with
+    it: null draw j's rotation is the same for every pair, and pair k's gain shuffles are
+    seeded by k, so a subset (one pair on a cluster worker) gives the whole run's values.
+    ``executor``: the :mod:`drift.schedule` executor (default: worker processes where worth it).
+    """
+    ids = list(ids)
+    sub = [keys[k] for k in ids]
+    sym = readers[0].sym
     # Layers are read in pair order; a form is dropped once every comparison using it is done.
     budget = form_budget if dev.type == "cpu" else float("inf")
     store = schedule.FormStore(
-        lambda key: m.form(readers[key[0]].read(key[1]).map(lambda t: t.to(device=dev, dtype=tdtype)),
+        lambda key: m.form(readers[key[0]].read(key[1]).map(lambda t: t.to(device=dev, dtype=dtype)),
                            consume=True),
-        keys, budget)
-    draws = NullDraws(sym.d_model, n_null, seed, tdtype, dev)
-    tally = _Tally(len(plist), n_null, _progress_bar(progress, len(plist), f"drift {method}"))
+        sub, budget)
+    draws = NullDraws(sym.d_model, n_null, seed, dtype, dev)
+    tally = _Tally(ids, n_null, bar)
 
     def start(task: schedule.Task) -> methods.Comparison:
-        a, b = keys[task.pair]
+        a, b = sub[task.pair]
         fa, fb = store.get(a), store.get(b)
         if task.draw:
             fb = m.null_partner(fb, draws.rotation(task.draw - 1), tally.shuffle(task.pair, draws))
         return m.compare(fa, fb)
 
-    tasks = schedule.plan(len(plist), n_null)
-    with schedule.executor_for(m.assigns, sym.d_ff, len(tasks), dev) as executor:
-        schedule.run(tasks, start, executor, store, tally.done)
-    tally.bar.close()
-    for r in readers:
-        r.ckpt.close()
-    result = _result(names[0], reader, m, plist, tally.obs, tally.null_sum,
-                     dict(pairs=pairs, layers=layers, seed=seed, n_null=n_null, dtype=tdtype, device=dev))
-    if cross:
-        result.meta["other"] = dict(model=names[1], identity=readers[1].ckpt.identity())
-    return result
+    tasks = schedule.plan(len(sub), n_null)
+    if executor is None:
+        executor = schedule.executor_for(m.assigns, sym.d_ff, len(tasks), dev)
+    with executor:
+        schedule.run(tasks, start, executor, store, tally.done, tally.certified)
+    return tally.obs, tally.null_sum, tally.certs
 
 
 class _Tally:
     """The comparisons' values as they arrive: observed per pair, the null's mean over its
-    draws; a pair's bar step and gain-shuffle generator end with its last comparison."""
+    draws; a pair's bar step and gain-shuffle generator end with its last comparison. Tasks
+    name pairs by position in ``ids``; the values are keyed by the pair's index ``ids[i]``."""
 
-    def __init__(self, n_pairs: int, n_null: int, bar):
-        self.n_null, self.bar = n_null, bar
-        self.obs: dict[int, dict[str, float]] = {}
-        self.null_sum: dict[int, dict[str, float]] = {}
-        self.left = {k: 1 + n_null for k in range(n_pairs)}  # comparisons not yet finished, per pair
+    def __init__(self, ids: Sequence[int], n_null: int, bar):
+        self.ids, self.n_null, self.bar = ids, n_null, bar
+        self.obs: Values = {}
+        self.null_sum: Values = {}
+        self.left = {i: 1 + n_null for i in range(len(ids))}  # comparisons not yet finished, per pair
         self.shuffles: dict[int, torch.Generator] = {}  # pair -> its gain-shuffle generator, while in use
+        self.certs: list[dict] = []
 
-    def shuffle(self, pair: int, draws: NullDraws) -> torch.Generator:
-        return self.shuffles.setdefault(pair, draws.gains_generator(pair))
+    def shuffle(self, i: int, draws: NullDraws) -> torch.Generator:
+        return self.shuffles.setdefault(i, draws.gains_generator(self.ids[i]))
+
+    def certified(self, task: schedule.Task, cert) -> None:
+        scale = max(abs(cert.objective), 1e-300)
+        self.certs.append(dict(rounds=cert.rounds, violators=sum(cert.violators), dense_fallback=cert.dense_fallback,
+                               relative_gap_bound=0.0 if cert.dense_fallback else cert.gap_bound / scale))
 
     def done(self, task: schedule.Task, values: dict[str, float]) -> None:
-        k = task.pair
+        i, k = task.pair, self.ids[task.pair]
         if task.draw == 0:
             self.obs[k] = values
         else:
             acc = self.null_sum.setdefault(k, {})
             for f, v in values.items():
                 acc[f] = acc.get(f, 0.0) + v / self.n_null
-        self.left[k] -= 1
-        if self.left[k] == 0:
+        self.left[i] -= 1
+        if self.left[i] == 0:
             self.bar.update(1)
-            self.shuffles.pop(k, None)
+            self.shuffles.pop(i, None)
         memory.release_memory()
 
 

@@ -50,6 +50,11 @@ class BlockCost:
         self.shape = (int(shape[0]), int(shape[1]))
         self.block = block
         self.rows_per_block = rows_per_block
+        self.certificate = None  # a drift.certified.Certificate, once solved by the certified path
+
+    def release(self) -> None:
+        """Let go of what the blocks read (the layers' forms), once every block is made."""
+        self.block = None
 
     def blocks(self, sign: float = 1.0):
         """(r0, r1, float64 numpy block times ``sign``), in row order."""
@@ -221,6 +226,7 @@ def lap_submit(cost: np.ndarray | Tensor | BlockCost, maximize: bool = False):
         return done
     if isinstance(cost, BlockCost):
         path = _write_cost(cost, -1.0 if maximize else 1.0)
+        cost.release()
         fut = _POOL.submit(_lap_file, path, cost.shape)
         fut.add_done_callback(lambda _: _unlink_quietly(path))  # the worker may have done it
         return fut
@@ -237,10 +243,25 @@ def _unlink_quietly(path: str) -> None:
         os.unlink(path)
 
 
+CERTIFIED_MIN_SIZE = 4096
+"""Square BlockCosts at least this large are solved by :func:`drift.certified.certified_similarity`
+(sparse candidates and an optimality certificate) where they are made, not by the dense solver."""
+
+
 def solve(cost: np.ndarray | Tensor | BlockCost, maximize: bool = False) -> np.ndarray:
-    """:func:`lap` in this process, whatever pool is active."""
+    """:func:`lap` in this process, whatever pool is active. A large square :class:`BlockCost`
+    to maximise is solved by the certified sparse path on its own device, and keeps its
+    certificate (``cost.certificate``); the dense solver's answers carry none (scipy's is exact)."""
     if isinstance(cost, BlockCost):
-        return _lap_cols(cost.dense(-1.0 if maximize else 1.0), False)
+        n, m = cost.shape
+        if maximize and n == m and n >= CERTIFIED_MIN_SIZE:
+            from .certified import certified_similarity
+
+            sigma, cost.certificate = certified_similarity(n, cost.block, rows_per_block=cost.rows_per_block)
+        else:
+            sigma = _lap_cols(cost.dense(-1.0 if maximize else 1.0), False)
+        cost.release()
+        return sigma
     return _lap_cols(_as_numpy(cost), maximize)
 
 

@@ -15,6 +15,12 @@ The duals, without a solver that returns them: with v_j = C_{σ⁻¹(j) j} − u
 to every row at 0) exists iff σ is optimal on the candidates (no negative cycle). They are
 solved by Bellman–Ford relaxations of all candidate edges at once (numpy, one pass per
 iteration; the passes needed are the depth of the shortest-path tree, tens here).
+
+Two sources of dense costs share that loop: a numpy matrix (:func:`certified_lap`) and a
+similarity to maximise made block by block in torch (:func:`certified_similarity`, what
+:mod:`drift.methods.exact` solves), which stays where it was made (a GPU's memory, say):
+the candidates are chosen in the pass that builds it, the certificate is checked there, and
+only the sparse problems (n·k entries) and the potentials cross to the CPU.
 """
 
 from __future__ import annotations
@@ -27,6 +33,13 @@ K_START = 16
 """The fewest candidates per row a first round takes (doubled when the sparse problem has no
 full matching); see :func:`start_k`."""
 
+GAP_LIMIT = 1e-9
+"""A certified gap bound above this fraction of Σ|C_iσ(i)| is a failure (:class:`UncertifiedAssignment`)."""
+
+
+class UncertifiedAssignment(ArithmeticError):
+    """The assignment's proven gap to the optimum is larger than :data:`GAP_LIMIT` allows."""
+
 
 @dataclass
 class Certificate:
@@ -38,6 +51,7 @@ class Certificate:
     tolerance: float = 0.0  # a reduced cost counts as violated below −tolerance
     min_reduced_cost: float = 0.0  # over every dense entry, in the last round
     gap_bound: float = 0.0  # σ's cost − a proven lower bound on the optimum
+    objective: float = 0.0  # Σ_i C[i, σ(i)] (the minimised cost)
     dense_fallback: bool = False
 
     @property
@@ -45,16 +59,103 @@ class Certificate:
         return not self.dense_fallback
 
 
-def _candidates(C: np.ndarray, k: int, rows_per_block: int = 512) -> tuple[np.ndarray, np.ndarray]:
-    """(rows, cols) of every row's k cheapest entries, chosen a block of rows at a time (memory
-    n·k, not n²)."""
-    n = C.shape[0]
-    if k >= n:
-        return np.repeat(np.arange(n), n), np.tile(np.arange(n), n)
-    cols = np.empty((n, k), dtype=np.int64)
-    for r0 in range(0, n, rows_per_block):
-        cols[r0:r0 + rows_per_block] = np.argpartition(C[r0:r0 + rows_per_block], k - 1, axis=1)[:, :k]
-    return np.repeat(np.arange(n), k), cols.ravel()
+class _NumpyCost:
+    """A dense float64 cost to minimise, held whole."""
+
+    def __init__(self, C: np.ndarray, rows_per_block: int = 512):
+        self.C, self.n, self.rows = C, C.shape[0], rows_per_block
+        self.scale = max(abs(float(C.max())), abs(float(C.min())), 1e-300)
+
+    def candidates(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(rows, cols, costs) of every row's k cheapest entries, a block of rows at a time."""
+        n, C = self.n, self.C
+        if k >= n:
+            rows, cols = np.repeat(np.arange(n), n), np.tile(np.arange(n), n)
+            return rows, cols, C[rows, cols]
+        cols = np.empty((n, k), dtype=np.int64)
+        for r0 in range(0, n, self.rows):
+            cols[r0:r0 + self.rows] = np.argpartition(C[r0:r0 + self.rows], k - 1, axis=1)[:, :k]
+        rows, cols = np.repeat(np.arange(n), k), cols.ravel()
+        return rows, cols, C[rows, cols]
+
+    def scan(self, u: np.ndarray, v: np.ndarray, tol: float):
+        """Every entry whose reduced cost C_ij − u_i − v_j is below −tol (rows, cols, costs),
+        and the smallest reduced cost: one pass over C, a block of rows at a time."""
+        vr, vc = [np.empty(0, dtype=np.int64)], [np.empty(0, dtype=np.int64)]
+        low = np.inf
+        for r0 in range(0, self.n, self.rows):
+            red = np.subtract(self.C[r0:r0 + self.rows], u[r0:r0 + self.rows, None])
+            red -= v
+            m = float(red.min())
+            low = min(low, m)
+            if m < -tol:
+                i, j = np.nonzero(red < -tol)
+                vr.append(i + r0)
+                vc.append(j)
+        rows, cols = np.concatenate(vr), np.concatenate(vc)
+        return rows, cols, self.C[rows, cols], low
+
+    def dense(self) -> np.ndarray:
+        return self.C
+
+
+class _TorchSimilarity:
+    """A similarity S to maximise (cost −S), made in blocks of rows by ``block(r0, r1)`` and
+    kept on its device in float32 (the dtype it is made in: nothing is rounded). Each block's
+    top-``k`` entries are taken as it is made; the certificate scans S where it lies."""
+
+    def __init__(self, n: int, block, k: int, rows_per_block: int):
+        import torch
+
+        self.n, self.rows, self.k = n, rows_per_block, min(k, n)
+        self.S = None
+        top_v, top_i = [], []
+        for r0 in range(0, n, rows_per_block):
+            b = block(r0, min(n, r0 + rows_per_block))
+            if self.S is None:
+                self.S = torch.empty((n, n), dtype=b.dtype, device=b.device)
+            self.S[r0:r0 + len(b)] = b
+            v, i = torch.topk(b, self.k, dim=1, sorted=False)
+            top_v.append(v)
+            top_i.append(i)
+            del b
+        self._top = torch.cat(top_v), torch.cat(top_i)
+        self.scale = float(self.S.abs().max()) or 1e-300
+
+    def candidates(self, k: int):
+        """Those kept as S was made; more (a sparse problem without a full matching) from S."""
+        import torch
+
+        v, i = self._top if k <= self.k else torch.topk(self.S, min(k, self.n), dim=1, sorted=False)
+        rows = np.repeat(np.arange(self.n), v.shape[1])
+        return rows, i.cpu().numpy().ravel().astype(np.int64), -v.cpu().double().numpy().ravel()
+
+    def scan(self, u: np.ndarray, v: np.ndarray, tol: float):
+        import torch
+
+        dev = self.S.device
+        ut = torch.as_tensor(u, device=dev)
+        vt = torch.as_tensor(v, device=dev)
+        vr, vc, vw = [], [], []
+        low = np.inf
+        for r0 in range(0, self.n, self.rows):
+            red = self.S[r0:r0 + self.rows].double().neg_()
+            red -= ut[r0:r0 + self.rows, None]
+            red -= vt
+            m = float(red.min())
+            low = min(low, m)
+            if m < -tol:
+                i, j = torch.nonzero(red < -tol, as_tuple=True)
+                vr.append((i + r0).cpu().numpy())
+                vc.append(j.cpu().numpy())
+                vw.append(-self.S[i + r0, j].cpu().double().numpy())
+        if not vr:
+            e = np.empty(0, dtype=np.int64)
+            return e, e, np.empty(0), low
+        return np.concatenate(vr), np.concatenate(vc), np.concatenate(vw), low
+
+    def dense(self) -> np.ndarray:
+        return -self.S.cpu().double().numpy()
 
 
 def _sparse_solve(n: int, rows: np.ndarray, cols: np.ndarray, w: np.ndarray) -> np.ndarray | None:
@@ -64,7 +165,6 @@ def _sparse_solve(n: int, rows: np.ndarray, cols: np.ndarray, w: np.ndarray) -> 
 
     shift = 1.0 - float(w.min())  # scipy reads a stored 0 as no edge: make every weight positive
     G = sp.csr_matrix((w + shift, (rows, cols)), shape=(n, n))
-    G.sum_duplicates()
     try:
         r, c = min_weight_full_bipartite_matching(G)
     except ValueError:  # no full matching among the candidates
@@ -74,47 +174,36 @@ def _sparse_solve(n: int, rows: np.ndarray, cols: np.ndarray, w: np.ndarray) -> 
     return sigma
 
 
-def _duals(C: np.ndarray, sigma: np.ndarray, rows: np.ndarray, cols: np.ndarray,
+def _duals(sigma: np.ndarray, rows: np.ndarray, cols: np.ndarray,
            w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Potentials (u, v) tight on σ and feasible on the candidates (see the module docstring)."""
+    """Potentials (u, v) tight on σ and feasible on the candidates (see the module docstring).
+    σ's own entries are among the candidates (distinct entries, each with its cost ``w``)."""
     n = len(sigma)
     inv = np.empty(n, dtype=np.int64)
     inv[sigma] = np.arange(n)
+    matched = np.empty(n)  # matched[j] = C[σ⁻¹(j), j]
+    on = sigma[rows] == cols
+    matched[cols[on]] = w[on]
     src = inv[cols]  # the row i' matched to the candidate's column
-    keep = src != rows
+    keep = ~on
     src, dst = src[keep], rows[keep]
-    wt = w[keep] - C[src, cols[keep]]  # C_ij − C_{i' j}
+    wt = w[keep] - matched[cols[keep]]  # C_ij − C_{i' j}
     order = np.argsort(dst, kind="stable")
     src, dst, wt = src[order], dst[order], wt[order]
     heads, starts = np.unique(dst, return_index=True)
     u = np.zeros(n)
     for _ in range(n + 1):
+        if not len(heads):
+            break
         best = np.minimum.reduceat(u[src] + wt, starts)
         new = u.copy()
         new[heads] = np.minimum(u[heads], best)
         if np.array_equal(new, u):
-            v = C[inv, np.arange(n)] - u[inv]
-            return u, v
+            break
         u = new
-    raise ArithmeticError("negative cycle: the sparse assignment is not optimal on its candidates")
-
-
-def _scan(C: np.ndarray, u: np.ndarray, v: np.ndarray, tol: float,
-          rows_per_block: int = 512) -> tuple[np.ndarray, np.ndarray, float]:
-    """Every dense entry whose reduced cost C_ij − u_i − v_j is below −tol, and the smallest
-    reduced cost (one pass over C, a block of rows at a time)."""
-    vr, vc = [np.empty(0, dtype=np.int64)], [np.empty(0, dtype=np.int64)]
-    low = np.inf
-    for r0 in range(0, C.shape[0], rows_per_block):
-        red = np.subtract(C[r0:r0 + rows_per_block], u[r0:r0 + rows_per_block, None])
-        red -= v
-        m = float(red.min())
-        low = min(low, m)
-        if m < -tol:
-            i, j = np.nonzero(red < -tol)
-            vr.append(i + r0)
-            vc.append(j)
-    return np.concatenate(vr), np.concatenate(vc), low
+    else:
+        raise ArithmeticError("negative cycle: the sparse assignment is not optimal on its candidates")
+    return u, matched - u[inv]
 
 
 def start_k(n: int) -> int:
@@ -123,41 +212,62 @@ def start_k(n: int) -> int:
     return max(K_START, int(4 * np.log2(max(n, 2))))
 
 
+def _certify(source, n: int, k: int, max_rounds: int, rtol: float) -> tuple[np.ndarray, Certificate]:
+    tol = rtol * source.scale
+    rows, cols, w = source.candidates(k)
+    cert = Certificate(rounds=0, candidates=0, tolerance=tol)
+    while cert.rounds < max_rounds:
+        sigma = _sparse_solve(n, rows, cols, w)
+        cert.rounds += 1
+        if sigma is None:  # more candidates per row
+            k = min(2 * k, n)
+            rows, cols, w = source.candidates(k)
+            continue
+        u, v = _duals(sigma, rows, cols, w)
+        vr, vc, vw, low = source.scan(u, v, tol)
+        cert.violators.append(len(vr))
+        cert.candidates, cert.min_reduced_cost = len(rows), low
+        if not len(vr):  # (u, v + min(low, 0)) is dual feasible: a lower bound within n·|low| of σ's cost
+            on = sigma[rows] == cols
+            cert.objective = float(w[on].sum())
+            cert.gap_bound = cert.objective - float(u.sum() + v.sum()) + n * max(0.0, -low)
+            if cert.gap_bound > GAP_LIMIT * max(float(np.abs(w[on]).sum()), 1e-300):
+                raise UncertifiedAssignment(f"assignment gap bound {cert.gap_bound:.3g} exceeds "
+                                            f"{GAP_LIMIT:g} of the objective ({cert})")
+            return sigma, cert
+        if len(vr) > n:  # the candidates were far off (costs with hub columns): the dense solver is quicker
+            break
+        keys, first = np.unique(np.concatenate([rows * n + cols, vr * n + vc]), return_index=True)
+        rows, cols, w = keys // n, keys % n, np.concatenate([w, vw])[first]
+    from scipy.optimize import linear_sum_assignment
+
+    C = source.dense()
+    r, c = linear_sum_assignment(C)
+    sigma = np.empty(n, dtype=np.int64)
+    sigma[r] = c
+    cert.dense_fallback = True
+    cert.objective = float(C[r, c].sum())
+    return sigma, cert
+
+
 def certified_lap(C: np.ndarray, k: int | None = None, max_rounds: int = 4,
                   rtol: float = 1e-12) -> tuple[np.ndarray, Certificate]:
     """σ minimising Σ_i C[i, σ(i)] for a square float64 cost, and its certificate.
 
     A reduced cost counts as violated below −rtol·max|C|. When ``max_rounds`` sparse solves
-    leave violators, scipy's dense solver gives the answer (``dense_fallback``).
+    leave violators, or one leaves more than n, scipy's dense solver gives the answer
+    (``dense_fallback``).
     """
     C = np.asarray(C, dtype=np.float64)
     n = C.shape[0]
     if C.shape != (n, n):
         raise ValueError(f"certified_lap needs a square cost, got {C.shape}")
-    tol = rtol * max(abs(float(C.max())), abs(float(C.min())), 1e-300)
-    k = min(start_k(n) if k is None else k, n)
-    rows, cols = _candidates(C, k)
-    cert = Certificate(rounds=0, candidates=0, tolerance=tol)
-    while cert.rounds < max_rounds:
-        sigma = _sparse_solve(n, rows, cols, C[rows, cols])
-        cert.rounds += 1
-        if sigma is None:  # more candidates per row
-            k = min(2 * k, n)
-            rows, cols = _candidates(C, k)
-            continue
-        u, v = _duals(C, sigma, rows, cols, C[rows, cols])
-        vr, vc, low = _scan(C, u, v, tol)
-        cert.violators.append(len(vr))
-        cert.candidates, cert.min_reduced_cost = len(rows), low
-        if not len(vr):  # (u, v + min(low, 0)) is dual feasible: a lower bound within n·|low| of σ's cost
-            cert.gap_bound = float(C[np.arange(n), sigma].sum() - (u.sum() + v.sum())) + n * max(0.0, -low)
-            return sigma, cert
-        pairs = np.unique(np.concatenate([rows * n + cols, vr * n + vc]))
-        rows, cols = pairs // n, pairs % n
-    from scipy.optimize import linear_sum_assignment
+    return _certify(_NumpyCost(C), n, min(start_k(n) if k is None else k, n), max_rounds, rtol)
 
-    r, c = linear_sum_assignment(C)
-    sigma = np.empty(n, dtype=np.int64)
-    sigma[r] = c
-    cert.dense_fallback = True
-    return sigma, cert
+
+def certified_similarity(n: int, block, k: int | None = None, max_rounds: int = 4, rtol: float = 1e-12,
+                         rows_per_block: int = 512) -> tuple[np.ndarray, Certificate]:
+    """σ *maximising* Σ_i S[i, σ(i)] for a square similarity made in blocks of rows by
+    ``block(r0, r1) -> tensor`` (on any device), and its certificate (for the cost −S)."""
+    k = min(start_k(n) if k is None else k, n)
+    return _certify(_TorchSimilarity(n, block, k, rows_per_block), n, k, max_rounds, rtol)

@@ -61,6 +61,11 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--n-null", type=int, default=1,
                    help="null draws per pair (averaged); 0: no null and no rho, the reference's work "
                         "at about half the cost")
+    a.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                   help="run the layer pairs on the Dask cluster at ADDRESS (tcp://host:port), one task "
+                        "per pair; every worker opens --model (and --other) itself, so they must name the "
+                        "same checkpoint there. Same numbers as a local run. Needs the cluster extra "
+                        "(pip install 'gauge-drift[cluster]')")
     a.add_argument("--quiet", action="store_true", help="no progress bar, no table")
     function_cli.add_parser(sub)
     function_cli.add_tie_parser(sub)
@@ -129,9 +134,14 @@ def analyze_command(args: argparse.Namespace) -> int:
                            folder)
     if other is not None:
         check_output(out, other.ckpt.folder, True)  # nor inside the other model's folder
+    if args.scheduler is not None:  # the workers open the checkpoints themselves, by name
+        for r in (reader, other):
+            if r is not None:
+                r.ckpt.close()
+        reader, other = args.model, args.other
     result = analyze(reader, layers=range(start, end + 1), pairs=args.pairs, method=args.method,
                      seed=args.seed, n_null=args.n_null, dtype=args.dtype, device=args.device,
-                     progress=not args.quiet, other=other)
+                     progress=not args.quiet, other=other, scheduler=args.scheduler)
     result.meta["model"] = args.model
     if other is not None:
         result.meta["other"]["model"] = args.other

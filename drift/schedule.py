@@ -26,6 +26,7 @@ from typing import Callable, Hashable, Sequence
 
 import torch
 
+from . import assign
 from .assign import POOL_MIN_SIZE, lap_pool, lap_submit, solve, wait
 from .memory import release_memory
 
@@ -152,24 +153,31 @@ class LocalProcesses:
 
 
 def executor_for(assigns: bool, d_ff: int, n_tasks: int, device: torch.device):
-    """Worker processes only where there are large assignments to overlap."""
+    """Worker processes only where there are large assignments to overlap and the dense
+    solver solves them. Those of the certified path (``d_ff ≥ CERTIFIED_MIN_SIZE``) are
+    solved where their similarity is made, in this process: its sparse problem takes a
+    fraction of the time the similarity does, and the similarity stays on its device."""
     import os
 
-    if not assigns or n_tasks < 2 or d_ff < POOL_MIN_SIZE:
+    if not assigns or n_tasks < 2 or d_ff < POOL_MIN_SIZE or d_ff >= assign.CERTIFIED_MIN_SIZE:
         return InProcess()
     workers = max(1, min(os.cpu_count() or 1, n_tasks))
     return LocalProcesses(workers, device) if workers > 1 else InProcess()
 
 
 def run(tasks: Sequence[Task], start: Callable, executor, store: FormStore,
-        done: Callable[[Task, dict[str, float]], None]) -> None:
+        done: Callable[[Task, dict[str, float]], None],
+        certified: Callable[[Task, object], None] | None = None) -> None:
     """Every task through ``start(task) -> Comparison``, the executor and ``done(task,
     residuals)``; see the module docstring. ``store`` is the one ``start`` takes forms from;
-    it is told when the last task of a pair is done."""
+    it is told when the last task of a pair is done. ``certified(task, certificate)`` hears
+    of each assignment the certified sparse path solved (:mod:`drift.certified`)."""
     inflight: deque = deque()
     left = Counter(t.pair for t in tasks)
 
-    def finished(task: Task, values: dict[str, float]) -> None:
+    def finished(task: Task, c, values: dict[str, float]) -> None:
+        if certified is not None and getattr(c, "certificate", None) is not None:
+            certified(task, c.certificate)
         done(task, values)
         left[task.pair] -= 1
         if not left[task.pair]:
@@ -177,7 +185,7 @@ def run(tasks: Sequence[Task], start: Callable, executor, store: FormStore,
 
     def finish_oldest() -> None:
         task, c, fut = inflight.popleft()
-        finished(task, c.finish(wait(fut)))
+        finished(task, c, c.finish(wait(fut)))
 
     for task in tasks:
         pair = store.pairs[task.pair]
@@ -187,7 +195,7 @@ def run(tasks: Sequence[Task], start: Callable, executor, store: FormStore,
         c = start(task)
         if c.assignment is None:
             c.prepare()
-            finished(task, c.finish(None))
+            finished(task, c, c.finish(None))
         else:
             fut = executor.submit(c.assignment)
             c.prepare()

@@ -69,3 +69,118 @@ def test_dense_fallback_is_said():
 def test_bad_shape():
     with pytest.raises(ValueError, match="square"):
         certified_lap(np.zeros((3, 4)))
+
+
+# The device-resident path (drift.methods.exact's): a similarity to maximise, made in blocks of
+# rows by torch and kept where it was made. Run here on the CPU; on a GPU the same code runs
+# with the blocks, top-k and scan on the device.
+
+def _similarity(kind: str, n: int, rng: np.random.Generator) -> np.ndarray:
+    if kind == "related":  # B's units a permuted noisy copy of A's
+        X = rng.standard_normal((n, 24))
+        return (X[rng.permutation(n)] + 0.4 * rng.standard_normal((n, 24))) @ X.T
+    if kind == "glu":  # the exact method's form: <g, g'> + |<u, u'> + <d, d'>|
+        G, U, D = (rng.standard_normal((2, n, 16)) for _ in range(3))
+        return G[0] @ G[1].T + np.abs(U[0] @ U[1].T + D[0] @ D[1].T)
+    return -_case(kind, n, rng)
+
+
+SIM_CASES = [(kind, n, seed) for kind in ("gaussian", "related", "glu", "integer", "duplicates", "constant")
+             for n in (8, 120, 700) for seed in (0, 1)] + [("gaussian", 2048, 0), ("related", 2048, 0)]
+
+
+@pytest.mark.parametrize("kind,n,seed", SIM_CASES, ids=[f"{k}-{n}-{s}" for k, n, s in SIM_CASES])
+def test_similarity_in_blocks_reaches_the_dense_optimum(kind, n, seed):
+    import torch
+
+    from drift.certified import certified_similarity
+
+    S = torch.as_tensor(_similarity(kind, n, np.random.default_rng(seed)), dtype=torch.float32)
+    made = []
+
+    def block(r0, r1):
+        made.append((r0, r1))
+        return S[r0:r1].clone()
+
+    sigma, cert = certified_similarity(n, block, rows_per_block=96)
+    assert sorted(sigma.tolist()) == list(range(n))
+    assert made == [(r, min(n, r + 96)) for r in range(0, n, 96)]  # each block made once
+    S64 = S.double().numpy()  # the float32 values, exactly
+    r, c = linear_sum_assignment(S64, maximize=True)
+    best, got = S64[r, c].sum(), S64[np.arange(n), sigma].sum()
+    assert abs(got - best) <= 1e-12 * max(1.0, abs(best)), (got, best, cert)
+    assert cert.objective == pytest.approx(-got, rel=1e-12, abs=1e-12)
+
+
+def test_similarity_violators_and_fallback():
+    """A violator outside every row's top k is found by the scan; with one round allowed, the
+    dense solver decides and says so."""
+    import torch
+
+    from drift.certified import certified_similarity
+
+    S = torch.tensor([[0.0, 0.0, -5.0], [0.0, -9.0, -3.0], [0.0, 0.0, -1.0]])
+    sigma, cert = certified_similarity(3, lambda r0, r1: S[r0:r1], k=2)
+    assert sigma.tolist() == [1, 0, 2] and cert.rounds == 2 and cert.violators == [1, 0]
+    S = torch.as_tensor(np.random.default_rng(4).standard_normal((300, 300)), dtype=torch.float32)
+    sigma, cert = certified_similarity(300, lambda r0, r1: S[r0:r1], k=1, max_rounds=1)
+    r, c = linear_sum_assignment(S.double().numpy(), maximize=True)
+    assert S.double().numpy()[np.arange(300), sigma].sum() == pytest.approx(S.double().numpy()[r, c].sum(), rel=1e-12)
+    assert cert.dense_fallback
+
+
+def test_a_gap_above_the_limit_is_an_error(monkeypatch):
+    import drift.certified as dc
+
+    monkeypatch.setattr(dc, "GAP_LIMIT", -1.0)  # every gap, even 0, is now too large
+    with pytest.raises(dc.UncertifiedAssignment, match="gap bound"):
+        dc.certified_lap(np.random.default_rng(0).standard_normal((20, 20)))
+
+
+# Wired into drift.analyze: MLP assignments of at least assign.CERTIFIED_MIN_SIZE units go the
+# certified path (solved where the similarity is made) and the result says how they were proven.
+
+@pytest.mark.parametrize("model", ["tiny-qwen3", "minilm"])
+def test_analyze_through_the_certified_path_gives_the_dense_numbers(model, monkeypatch):
+    import drift
+    from drift import assign
+
+    kw = dict(pairs="all", method="exact", progress=False, layers=[0, 1, 2, 3])
+    dense = drift.analyze(model, **kw)
+    assert "assignment" not in dense.meta  # d_ff (384, 1536) is below the certified path's size
+    monkeypatch.setattr(assign, "CERTIFIED_MIN_SIZE", 64)
+    cert = drift.analyze(model, **kw)
+    a = cert.meta["assignment"]
+    assert a["assignments"] == 12  # 6 pairs, observed and null
+    assert a["max_relative_gap_bound"] <= 1e-9
+    if model == "tiny-qwen3":
+        assert a["dense_fallbacks"] == 0, a
+    else:  # MiniLM's MLP units share a direction: hub columns top every row, the candidates miss, dense decides
+        assert a["dense_fallbacks"] > 0, a
+    for col in ("residual", "null"):
+        np.testing.assert_allclose(cert.df[col], dense.df[col], rtol=1e-12, atol=0)
+
+
+def test_a_planted_unit_permutation_is_recovered_by_the_certified_path(monkeypatch):
+    """Layer B is layer A with its MLP units permuted and signs flipped: the certified path
+    finds the permutation (every MLP residual ~0) and proves it in one round."""
+    import torch
+
+    from drift import assign, methods
+    from drift.canonical import open_layers
+
+    monkeypatch.setattr(assign, "CERTIFIED_MIN_SIZE", 64)
+    m = methods.get("exact")
+    layer = open_layers("tiny-qwen3").read(2)
+    fa = m.form(layer)
+    perm = torch.randperm(fa.U.shape[0], generator=torch.Generator().manual_seed(3))
+    sign = torch.where(torch.rand(len(perm), generator=torch.Generator().manual_seed(4)) < 0.5, -1.0, 1.0)
+    from dataclasses import replace
+
+    fb = replace(fa, U=fa.U[perm] * sign[:, None], D=fa.D[:, perm] * sign[None, :], G=fa.G[perm])
+    c = m.compare(fa, fb)
+    out = methods.run(c)
+    assert c.certificate is not None and c.certificate.rounds == 1 and c.certificate.certified
+    assert np.array_equal(c.mlp_perm, perm.numpy())
+    for f in ("gate_proj", "up_proj", "down_proj"):
+        assert out[f] < 1e-6, (f, out[f])

@@ -285,11 +285,14 @@ class ExactComparison:
     B's units × A's), ``prepare()`` (heads matched and their compact gauge fitted; the
     heads' tensors are then let go), ``finish(sigma)`` (the MLP residuals for B's unit j
     matched to A's ``sigma[j]``). After ``finish``: ``head_perm`` and ``mlp_perm``
-    (B's head/unit j is matched to A's ``perm[j]``) and ``mlp_sign``."""
+    (B's head/unit j is matched to A's ``perm[j]``), ``mlp_sign``, and the MLP assignment's
+    ``certificate`` (None when the dense solver found it)."""
 
     def __init__(self, fa: Form, fb: Form):
         self.fa, self.fb = fa, fb
         self.assignment: BlockCost = _mlp_cost(fa, fb, fa.sym.is_glu)
+        self._cost = self.assignment  # its certificate, once solved (its blocks are let go then)
+        self.certificate = None
         self.residuals: dict[str, float] = {}
         self.head_perm = self.mlp_perm = self.mlp_sign = None
 
@@ -306,6 +309,7 @@ class ExactComparison:
     def finish(self, sigma: np.ndarray) -> dict[str, float]:
         sign, mlp = _mlp_residuals(self.fa, self.fb, sigma, self.fa.sym.is_glu)
         self.mlp_perm, self.mlp_sign = sigma, sign.cpu().numpy()
+        self.certificate, self._cost = self._cost.certificate, None
         self.fa = self.fb = None
         return {**self.residuals, **mlp}
 

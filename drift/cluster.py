@@ -1,0 +1,118 @@
+"""An analysis's layer pairs on a Dask ``distributed`` cluster (``pip install 'gauge-drift[cluster]'``).
+
+``drift.analyze(..., scheduler=...)`` sends each layer pair, its observed comparison and all
+its null draws, to a worker as one task. The worker opens the checkpoint itself, from the
+path (made absolute), repo id or bundled name the caller gave, so that name must mean the
+same checkpoint on every worker (a shared file system, the same HF cache); an open
+:class:`~drift.canonical.LayerReader` cannot travel and is refused.
+
+The numbers are the local run's: null draw j's rotation comes from the seed alone and pair
+k's gain shuffles from the seed and k, so a worker computes pair k under its index in the
+whole pair list (:func:`drift.analysis.compare_pairs`). They are equal bit for bit where the
+torch thread counts are equal: Dask starts its workers with ``OMP_NUM_THREADS=1``, and
+torch's float32 kernels round differently on more threads (about 1e-7, relative). A worker
+solves its pair's assignments in its own thread (:class:`~drift.schedule.InProcess`): the
+cluster already runs pairs side by side, and a Dask worker's process may not fork a pool.
+
+``distributed`` is imported only here, and only when a scheduler is given.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from . import analysis, memory, methods, schedule
+from .canonical import LayerReader, open_layers
+from .checkpoint import resolve_model
+from .errors import DriftError
+
+
+def check(scheduler, models: Sequence) -> None:
+    """Refuse, before any checkpoint is opened, what a cluster cannot run: an open reader
+    among ``models``, a ``scheduler`` that is neither an address nor a Client, or no
+    ``distributed`` installed."""
+    for what, model in zip(("model", "other"), models):
+        if isinstance(model, LayerReader):
+            raise DriftError(f"with a scheduler, {what} must be a path, repo id or 'minilm' that every "
+                             f"worker opens itself, not an open LayerReader")
+    distributed = _distributed()
+    if not isinstance(scheduler, (str, distributed.Client)):
+        raise DriftError(f"scheduler must be an address such as 'tcp://host:8786' or a distributed.Client, "
+                         f"not {scheduler!r}")
+
+
+def compare_pairs(scheduler, models: Sequence, m: methods.Method, keys: Sequence[tuple], n_null: int,
+                  seed: int, dtype: torch.dtype, dev: torch.device, form_budget: int,
+                  bar) -> tuple[analysis.Values, analysis.Values, list[dict]]:
+    """What :func:`drift.analysis.compare_pairs` returns for every pair of ``keys``, one task
+    per pair on ``scheduler`` (an address, or a ``distributed.Client``, which is left open);
+    ``bar`` advances as each pair comes back."""
+    distributed = _distributed()
+    client = scheduler if isinstance(scheduler, distributed.Client) else _connect(distributed, scheduler)
+    names = [None if model is None else _worker_name(model) for model in models]
+    futures: dict = {}  # future -> its pair's index
+    obs: analysis.Values = {}
+    null_sum: analysis.Values = {}
+    certs: list[dict] = []
+    try:
+        for k in range(len(keys)):
+            futures[client.submit(_pair, names, m.name, keys, k, n_null, seed, dtype, str(dev), form_budget,
+                                  pure=False)] = k
+        for fut in distributed.as_completed(list(futures), loop=client.loop):
+            k = futures[fut]
+            try:
+                obs[k], null, pair_certs = fut.result()
+            except DriftError as e:
+                raise type(e)(f"on a Dask worker: {e}") from None
+            if null:
+                null_sum[k] = null
+            certs += pair_certs
+            bar.update(1)
+    finally:
+        if len(obs) < len(keys):
+            client.cancel(list(futures))
+        if client is not scheduler:
+            client.close()
+    return obs, null_sum, certs
+
+
+def _pair(names: list[str | None], method: str, keys: Sequence[tuple], k: int, n_null: int, seed: int,
+          dtype: torch.dtype, device: str, form_budget: int) -> tuple[dict[str, float], dict[str, float], list[dict]]:
+    """On a worker: pair ``k``'s observed values, null mean and assignment certificates, from
+    checkpoints it opens itself."""
+    readers = [open_layers(name, dtype) for name in names if name is not None]
+    try:
+        memory.for_layers(readers[0].sym, torch.empty((), dtype=dtype).element_size())
+        obs, null_sum, certs = analysis.compare_pairs(readers, methods.get(method), keys, [k], n_null, seed, dtype,
+                                               analysis.resolve_device(device), form_budget,
+                                               analysis._CallbackBar(lambda *_: None, 1), schedule.InProcess())
+    finally:
+        for r in readers:
+            r.ckpt.close()
+    return obs[k], null_sum.get(k, {}), certs
+
+
+def _worker_name(model) -> str:
+    """``model`` as a worker opens it: a local folder as an absolute path (a worker's working
+    directory is not ours), any other name (bundled, HF cache) as given."""
+    path = Path(str(model)).expanduser()
+    return str(path.resolve()) if resolve_model(str(model)) == path else str(model)
+
+
+def _connect(distributed, address: str):
+    try:
+        return distributed.Client(address, set_as_default=False)
+    except (OSError, ValueError) as e:
+        raise DriftError(f"cannot connect to the Dask scheduler at {address}: {e}") from None
+
+
+def _distributed():
+    try:
+        import distributed
+    except ImportError:
+        raise DriftError("a scheduler needs Dask distributed: pip install 'gauge-drift[cluster]' "
+                         "(in a clone: pip install -e '.[cluster]')") from None
+    return distributed

@@ -1,0 +1,140 @@
+"""``drift.analyze(..., scheduler=...)``: layer pairs as tasks on a Dask cluster (drift.cluster).
+
+On a local two-process cluster the result is the local one, value for value: every method,
+all and consecutive pairs, two models, a Client or an address, and the CLI's ``--scheduler``.
+The local references run on one torch thread, as Dask's workers do (``OMP_NUM_THREADS=1``):
+torch's float32 kernels round differently on more threads. Refusals: an open reader, a
+scheduler that is not one, no ``distributed``, no scheduler at the address, a worker that
+cannot open the model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import drift
+from drift import DriftError, ModelNotFoundError, cluster as drift_cluster
+from drift.canonical import open_layers
+from drift.checkpoint import TINY_QWEN3, TINY_QWEN3_DIR
+
+distributed = pytest.importorskip("distributed")
+
+
+@pytest.fixture(scope="module")
+def dask_cluster():
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def client(dask_cluster):
+    with distributed.Client(dask_cluster, set_as_default=False) as c:
+        yield c
+
+
+def local(model, **kwargs):
+    """``drift.analyze`` here, on one torch thread like a Dask worker."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return drift.analyze(model, progress=False, **kwargs)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def assert_same(got: drift.AnalysisResult, want: drift.AnalysisResult) -> None:
+    """The same rows, meta and values (residual, null, rho to 1e-9 relative)."""
+    numbers = ["residual", "null", "rho"]
+    pd.testing.assert_frame_equal(got.df.drop(columns=numbers), want.df.drop(columns=numbers))
+    for col in numbers:
+        np.testing.assert_allclose(got.df[col], want.df[col], rtol=1e-9, atol=0, err_msg=col)
+    assert got.meta == want.meta
+
+
+@pytest.mark.parametrize("model,kwargs", [
+    (TINY_QWEN3, dict(pairs="all", method="exact")),
+    (TINY_QWEN3, dict(pairs="all", method="rotation", n_null=2, seed=3)),
+    (TINY_QWEN3, dict(pairs="consecutive", method="raw")),
+    (TINY_QWEN3, dict(other=f"{TINY_QWEN3}@step20", pairs="diagonal", n_null=2)),
+    ("minilm", dict(layers=[0, 1, 2], method="exact")),  # here: assignments in worker processes
+], ids=["all-exact", "all-rotation", "consecutive-raw", "other", "minilm"])
+def test_a_cluster_run_equals_the_local_run(client, model, kwargs):
+    want = local(model, **kwargs)
+    got = drift.analyze(model, progress=False, scheduler=client, **kwargs)
+    assert_same(got, want)
+    assert len(got.df) >= 8 * len(got.pairs) >= 16 and got.df["null"].gt(0).all()
+    assert client.status == "running"  # the caller's Client is left open
+
+
+def test_an_address_works_its_client_is_closed_and_progress_follows_the_pairs(dask_cluster, client):
+    def clients() -> int:
+        return client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.clients))
+
+    before = clients()
+    calls: list[tuple[int, int]] = []
+    got = drift.analyze(TINY_QWEN3, layers=[0, 2, 3, 5], scheduler=dask_cluster.scheduler_address,
+                        progress=lambda done, total: calls.append((done, total)))
+    assert_same(got, local(TINY_QWEN3, layers=[0, 2, 3, 5]))
+    assert calls == [(k, 3) for k in range(4)]
+    deadline = time.monotonic() + 10
+    while clients() > before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert clients() == before
+
+
+def test_a_relative_folder_is_opened_by_the_workers_too(client, tmp_path, monkeypatch):
+    shutil.copytree(TINY_QWEN3_DIR / "final", tmp_path / "tiny")
+    monkeypatch.chdir(tmp_path)  # the workers' working directory stays where it was
+    assert_same(drift.analyze("tiny", progress=False, scheduler=client), local("tiny"))
+
+
+def test_what_a_cluster_cannot_run_is_refused(client, monkeypatch):
+    reader = open_layers(TINY_QWEN3)
+    with pytest.raises(DriftError, match="model must be a path, repo id or 'minilm'.*not an open LayerReader"):
+        drift.analyze(reader, scheduler=client)
+    with pytest.raises(DriftError, match="other must be .*not an open LayerReader"):
+        drift.analyze(TINY_QWEN3, other=reader, scheduler=client)
+    reader.ckpt.close()
+    with pytest.raises(DriftError, match="scheduler must be an address"):
+        drift.analyze(TINY_QWEN3, scheduler=8786)
+    monkeypatch.setattr(drift_cluster, "_worker_name", lambda model: "/nonexistent/tiny")
+    with pytest.raises(ModelNotFoundError, match="on a Dask worker: /nonexistent/tiny: no such directory"):
+        drift.analyze(TINY_QWEN3, progress=False, scheduler=client)
+
+
+def test_no_scheduler_at_the_address_is_one_error():
+    import dask
+
+    with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):
+        with pytest.raises(DriftError, match="cannot connect to the Dask scheduler at tcp://127.0.0.1:9"):
+            drift.analyze(TINY_QWEN3, progress=False, scheduler="tcp://127.0.0.1:9")
+
+
+def test_without_distributed_the_error_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "distributed", None)  # import distributed -> ImportError
+    with pytest.raises(DriftError, match=r"pip install 'gauge-drift\[cluster\]'"):
+        drift.analyze(TINY_QWEN3, scheduler="tcp://127.0.0.1:8786")
+    drift.analyze(TINY_QWEN3, layers=[0, 1], progress=False)  # without a scheduler it is not needed
+
+
+def test_the_cli_runs_on_a_scheduler(dask_cluster, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    outs = {}
+    for name, extra in (("local", []), ("cluster", ["--scheduler", dask_cluster.scheduler_address])):
+        outs[name] = tmp_path / f"{name}.json"
+        subprocess.run([sys.executable, "-m", "drift", "analyze", "--model", TINY_QWEN3, "--pairs", "all",
+                        "--quiet", "--out", str(outs[name]), *extra], check=True, env=env, timeout=120)
+    got, want = (drift.AnalysisResult.from_json(outs[n]) for n in ("cluster", "local"))
+    assert_same(got, want)
+    assert json.loads(outs["cluster"].read_text())["model"] == TINY_QWEN3
