@@ -152,6 +152,26 @@ def drift_cli_problem(env: dict[str, str], extra_flags: tuple[str, ...] = ()) ->
     return None
 
 
+MATMUL = """
+import sys, time, torch
+f, d = int(sys.argv[1]), int(sys.argv[2])
+a, b = torch.randn(f, d), torch.randn(d, f)
+a @ b
+best = float("inf")
+for _ in range(3):
+    t0 = time.perf_counter(); a @ b; best = min(best, time.perf_counter() - t0)
+print(best)
+"""
+
+
+def time_matmul(shape, env: dict[str, str]) -> float:
+    """Seconds for one float32 (d_ff × d_model)·(d_model × d_ff) torch matmul, best of 3, in a
+    child with the runs' environment: the unit the issue's wall-time targets are given in."""
+    p = subprocess.run([sys.executable, "-c", MATMUL, str(shape.d_ff), str(shape.hidden)], env=env,
+                       capture_output=True, text=True, check=True)
+    return float(p.stdout.strip().splitlines()[-1])
+
+
 def reference_cmd(ref: Path, ckpt: Path, a: int, b: int, out: Path) -> list[str]:
     return [sys.executable, str(ref), "--model", str(ckpt), "--block-start", str(a),
             "--block-end", str(b), "--out", str(out)]
@@ -231,10 +251,10 @@ def markdown(meta: dict, rows: list[dict], skipped: dict[str, str]) -> str:
         f"< {CLEAN}) when there are any, memory the max over all.",
         "",
         "| run | wall s | CPU s | peak RSS GiB | tree PSS GiB (procs) | wall ÷ ref | RSS ÷ ref "
-        "| PSS ÷ ref | others' cores | clean | exit |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| PSS ÷ ref | wall ÷ matmul | others' cores | clean | exit |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
-    dash = " – |" * 9
+    dash = " – |" * 10
     for r in rows:
         rc = ",".join(map(str, r["rc"]))
         if "wall_s" not in r:
@@ -243,12 +263,16 @@ def markdown(meta: dict, rows: list[dict], skipped: dict[str, str]) -> str:
         pss = (f"{r['tree_peak_pss_bytes'] / GiB:.2f} ({r['tree_max_procs']})"
                if r["tree_peak_pss_bytes"] else "–")
         ratios = " | ".join(f"{r[k]:.2f}" if k in r else "–"
-                            for k in ("wall_ratio", "rss_ratio", "pss_ratio"))
+                            for k in ("wall_ratio", "rss_ratio", "pss_ratio", "matmul_ratio"))
         lines.append(f"| {r['name']} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | "
                      f"{r['peak_rss_bytes'] / GiB:.2f} | {pss} | {ratios} | {r['others_cores']:.2f} | "
                      f"{r['n_clean']}/{r['n']} | {rc} |")
     for what, why in skipped.items():
         lines.append(f"| {what} |{dash} skipped: {why} |")
+    if m.get("matmul_s"):
+        lines += ["", "wall ÷ matmul: wall time over one float32 (d_ff × d_model)·(d_model × d_ff) "
+                      "torch matmul timed before and after the runs (best of 3 each: "
+                      + ", ".join(f"{t:.2f}" for t in m["matmul_s"]) + " s)."]
     if any(r.get("others_cores", 0) >= CLEAN for r in rows if r["kind"] != "floor"):
         lines += ["", f"**Warning:** no clean run for some rows: other processes used ≥ {CLEAN} "
                       "cores meanwhile (column *others' cores*, the worst timed run), so their "
@@ -387,6 +411,7 @@ def main(argv: list[str] | None = None) -> int:
         say(f"warmed page cache: {nbytes / GiB:.2f} GiB + imports in {time.perf_counter() - t0:.1f} s")
 
     git_start = _git()  # drift may change under a long session; record both ends
+    matmul_s = [time_matmul(shape, env)] if todo else []
     runs: list[dict] = []
     for rep in range(args.repeat):
         for name, kind, method in todo:
@@ -420,6 +445,8 @@ def main(argv: list[str] | None = None) -> int:
             if r["rc"] != 0:
                 say(f"    last lines of {log}:\n" + tail(log))
 
+    if todo:
+        matmul_s.append(time_matmul(shape, env))
     n_block = b - a + 1
     meta = {
         "time": stamp, "shape": args.shape, "checkpoint": str(ckpt), "layers": layers,
@@ -427,12 +454,16 @@ def main(argv: list[str] | None = None) -> int:
         "n_pairs": n_block - 1 if args.pairs == "consecutive" else n_block * (n_block - 1) // 2,
         "methods": methods, "n_null": n_nulls, "device": args.device, "repeat": args.repeat,
         "reference": str(args.reference), "warm_cache": not args.no_warm_cache,
-        "threads": args.threads, "cpu_count": os.cpu_count(), "mem_total_gib": os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / GiB,
+        "matmul_s": matmul_s, "threads": args.threads, "cpu_count": os.cpu_count(), "mem_total_gib": os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / GiB,
         "platform": platform.platform(), "versions": _versions(), "git_start": git_start, "git_end": _git(),
         "rss_method": ("ru_maxrss from os.wait4 in a fresh stdlib-only wrapper per run "
                        "(kernel high-water mark; includes file-backed pages)"),
     }
     rows = summarize(runs)
+    if matmul_s:
+        for row in rows:
+            if "wall_s" in row and row["kind"] != "floor":
+                row["matmul_ratio"] = row["wall_s"] / statistics.mean(matmul_s)
     table = markdown(meta, rows, skipped)
     (out_dir / "results.json").write_text(json.dumps(
         {"meta": meta, "summary": rows, "runs": runs, "skipped": skipped}, indent=2) + "\n")
