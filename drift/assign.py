@@ -243,7 +243,7 @@ def _unlink_quietly(path: str) -> None:
         os.unlink(path)
 
 
-CERTIFIED_MIN_SIZE = 4096
+CERTIFIED_MIN_SIZE = 2048
 """Square BlockCosts at least this large are solved by :func:`drift.certified.certified_similarity`
 (sparse candidates and an optimality certificate) where they are made, not by the dense solver."""
 
