@@ -28,6 +28,15 @@ def _lap_cols(c: np.ndarray, maximize: bool) -> np.ndarray:
     return out
 
 
+def _lap_centred(cost: np.ndarray) -> np.ndarray:
+    """:func:`_lap_cols` of a cost to minimise after subtracting each column's mean, in place:
+    every assignment uses each column once, so the optimum is the same, and scipy's
+    shortest-augmenting-path solver needs fewer steps on costs whose columns differ in level
+    (MiniLM's 30 MLP costs: 10.1 s → 6.7 s, the same 30 permutations; issue #10's note)."""
+    cost -= cost.mean(axis=0)
+    return _lap_cols(cost, maximize=False)
+
+
 def _lap_file(path: str, shape: tuple[int, int]) -> np.ndarray:
     """Worker side of :func:`lap_submit`: minimise the float64 cost stored at ``path``.
     scipy works on the mapped file directly (already float64 and C-contiguous, and minimising
@@ -37,7 +46,7 @@ def _lap_file(path: str, shape: tuple[int, int]) -> np.ndarray:
     cost = np.memmap(path, dtype=np.float64, mode="r+", shape=shape)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)  # the mapping stays readable; no file outlives a killed process now
-    return _lap_cols(cost, maximize=False)
+    return _lap_centred(cost)
 
 
 class BlockCost:
@@ -259,7 +268,7 @@ def solve(cost: np.ndarray | Tensor | BlockCost, maximize: bool = False) -> np.n
 
             sigma, cost.certificate = certified_similarity(n, cost.block, rows_per_block=cost.rows_per_block)
         else:
-            sigma = _lap_cols(cost.dense(-1.0 if maximize else 1.0), False)
+            sigma = _lap_centred(cost.dense(-1.0 if maximize else 1.0))
         cost.release()
         return sigma
     return _lap_cols(_as_numpy(cost), maximize)

@@ -95,7 +95,7 @@ class _NumpyCost:
         return rows, cols, self.C[rows, cols], low
 
     def dense(self) -> np.ndarray:
-        return self.C
+        return self.C.copy()
 
 
 class _TorchSimilarity:
@@ -247,12 +247,14 @@ def _certify(source, n: int, k: int, max_rounds: int, rtol: float) -> tuple[np.n
         rows, cols, w = keys // n, keys % n, np.concatenate([w, vw])[first]
     from scipy.optimize import linear_sum_assignment
 
-    C = source.dense()
+    C = source.dense()  # a copy of its own: centred in place (see drift.assign._lap_centred)
+    level = C.mean(axis=0)
+    C -= level
     r, c = linear_sum_assignment(C)
     sigma = np.empty(n, dtype=np.int64)
     sigma[r] = c
     cert.dense_fallback = True
-    cert.objective = float(C[r, c].sum())
+    cert.objective = float(C[r, c].sum() + level.sum())
     return sigma, cert
 
 
