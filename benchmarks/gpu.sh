@@ -37,6 +37,8 @@ PY
 log "build 4b x36"; CK4=$($PY benchmarks/synth.py --shape 4b | tail -1)
 log "4b consecutive 0..35 (35 pairs)"
 measure cons36 --model "$CK4" --device cuda
+$PY -c "import json, sys; print('assignments:', json.load(open(sys.argv[1])).get('assignment'))" \
+  "$OUT/cons36.json" | tee -a "$OUT/timings.txt"  # the certified path's rounds, fallbacks, gap
 [[ -n "${ONLY_CONSECUTIVE:-}" ]] && { log "done"; exit 0; }
 log "4b consecutive 0..7 (7 pairs)"
 measure cons8 --model "$CK4" --device cuda --block-start 0 --block-end 7

@@ -12,9 +12,12 @@ executor solves, and its ``finish(answer)`` once the answer is back, with at mos
 ``executor.width`` tasks in flight. Each comparison does the same arithmetic whatever the
 executor, so pipelined and sequential runs give identical numbers.
 
-Executors: :class:`InProcess` (solve now, in this thread) and :class:`LocalProcesses`
-(forked workers, :func:`drift.assign.lap_pool`). Another executor (GPU-resident costs, a
-cluster) needs ``width``, ``submit(cost) -> Future`` and the context manager protocol.
+Executors: :class:`InProcess` (solve now, in this thread; large MLP assignments go the
+certified sparse path there, on the device their similarity is made on) and
+:class:`LocalProcesses` (forked workers running scipy's dense solver, :func:`drift.assign.lap_pool`).
+Another executor needs ``width``, ``submit(cost) -> Future`` and the context manager
+protocol. A cluster runs whole pairs instead (:mod:`drift.cluster`), each worker with its own
+executor.
 """
 
 from __future__ import annotations
