@@ -108,24 +108,23 @@ class _TorchSimilarity:
 
         self.n, self.rows, self.k = n, rows_per_block, min(k, n)
         self.S = None
+        self.scale = 1e-300  # max |S|, taken block by block (S.abs() would be a second S)
         top_v, top_i = [], []
         for r0 in range(0, n, rows_per_block):
             b = block(r0, min(n, r0 + rows_per_block))
             if self.S is None:
                 self.S = torch.empty((n, n), dtype=b.dtype, device=b.device)
             self.S[r0:r0 + len(b)] = b
+            self.scale = max(self.scale, float(b.max()), -float(b.min()))
             v, i = torch.topk(b, self.k, dim=1, sorted=False)
             top_v.append(v)
             top_i.append(i)
             del b
         self._top = torch.cat(top_v), torch.cat(top_i)
-        self.scale = float(self.S.abs().max()) or 1e-300
 
     def candidates(self, k: int):
-        """Those kept as S was made; more (a sparse problem without a full matching) from S."""
-        import torch
-
-        v, i = self._top if k <= self.k else torch.topk(self.S, min(k, self.n), dim=1, sorted=False)
+        """The top ``k`` kept per row as S was made (``k`` is the one it was made with)."""
+        v, i = self._top
         rows = np.repeat(np.arange(self.n), v.shape[1])
         return rows, i.cpu().numpy().ravel().astype(np.int64), -v.cpu().double().numpy().ravel()
 
@@ -154,7 +153,7 @@ class _TorchSimilarity:
         return np.concatenate(vr), np.concatenate(vc), np.concatenate(vw), low
 
     def dense(self) -> np.ndarray:
-        return -self.S.cpu().double().numpy()
+        return self.S.double().neg_().cpu().numpy()
 
 
 def _sparse_solve(n: int, rows: np.ndarray, cols: np.ndarray, w: np.ndarray) -> np.ndarray | None:
