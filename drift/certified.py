@@ -244,16 +244,13 @@ def _certify(source, n: int, k: int, max_rounds: int, rtol: float) -> tuple[np.n
             break
         keys, first = np.unique(np.concatenate([rows * n + cols, vr * n + vc]), return_index=True)
         rows, cols, w = keys // n, keys % n, np.concatenate([w, vw])[first]
-    from scipy.optimize import linear_sum_assignment
+    from .assign import _lap_centred
 
-    C = source.dense()  # a copy of its own: centred in place (see drift.assign._lap_centred)
-    level = C.mean(axis=0)
-    C -= level
-    r, c = linear_sum_assignment(C)
-    sigma = np.empty(n, dtype=np.int64)
-    sigma[r] = c
+    C = source.dense()  # a copy of its own, which the dense solve centres in place
+    level = C.sum() / n  # Σ_j of the column means taken away
+    sigma = _lap_centred(C)
     cert.dense_fallback = True
-    cert.objective = float(C[r, c].sum() + level.sum())
+    cert.objective = float(C[np.arange(n), sigma].sum() + level)
     return sigma, cert
 
 

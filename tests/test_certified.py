@@ -146,18 +146,18 @@ def test_analyze_through_the_certified_path_gives_the_dense_numbers(model, monke
     processes on fewer threads, which moves the residuals' last bits (~4e-8), not the assignment."""
     import torch
 
-    import drift
-    from drift import assign
-
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        _compare_paths(model, monkeypatch, drift, assign)
+        _compare_paths(model, monkeypatch)
     finally:
         torch.set_num_threads(threads)
 
 
-def _compare_paths(model, monkeypatch, drift, assign):
+def _compare_paths(model, monkeypatch):
+    import drift
+    from drift import assign
+
 
     kw = dict(pairs="all", method="exact", progress=False, layers=[0, 1, 2, 3])
     dense = drift.analyze(model, **kw)
