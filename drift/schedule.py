@@ -8,7 +8,8 @@ of B are two forms; the store and the scheduler only hash and compare keys.
 
 :func:`run` turns each task into a :class:`~drift.methods.Comparison`, hands its
 assignment (if any) to the executor, does the comparison's ``prepare()`` here while the
-executor solves, and its ``finish(answer)`` once the answer is back, with at most
+executor solves (before, for one that solves at once: the heads are then let go before the
+assignment's similarity is made), and its ``finish(answer)`` once the answer is back, with at most
 ``executor.width`` tasks in flight. Each comparison does the same arithmetic whatever the
 executor, so pipelined and sequential runs give identical numbers.
 
@@ -111,6 +112,7 @@ class InProcess:
     """Each assignment solved in this thread when it is submitted: one task at a time."""
 
     width = 1
+    solves_now = True  # run() prepares a comparison first, so its heads are let go before the solve
 
     def __enter__(self):
         return self
@@ -199,9 +201,15 @@ def run(tasks: Sequence[Task], start: Callable, executor, store: FormStore,
         if c.assignment is None:
             c.prepare()
             finished(task, c, c.finish(None))
+        elif getattr(executor, "solves_now", False):
+            cost = c.assignment  # solved at once: prepare first, so the heads are gone by then
+            c.prepare()
+            fut = executor.submit(cost)
+            del cost
+            inflight.append((task, c, fut))
         else:
             fut = executor.submit(c.assignment)
-            c.prepare()
+            c.prepare()  # while the executor solves
             inflight.append((task, c, fut))
         while len(inflight) >= max(executor.width, 1):
             finish_oldest()

@@ -200,6 +200,8 @@ def _mlp_cost(fa: Form, fb: Form, glu: bool) -> BlockCost:
     plain inner product. Made in blocks of B units, so no F×F matrix is ever held in torch."""
     if fa.mlp_rot is not None:
         raise ValueError("only layer B of a comparison may carry a lazy rotation")
+    # the blocks read only the MLP: a comparison's heads (a null's rotated copies) can go first
+    fa, fb = (replace(f, Q=None, K=None, V=None, O=None) for f in (fa, fb))
 
     def block(j0: int, j1: int) -> Tensor:
         S = mlp_rows(fb, fb.U, j0, j1) @ fa.U.T
@@ -297,8 +299,7 @@ class ExactComparison:
         self.head_perm = self.mlp_perm = self.mlp_sign = None
 
     def prepare(self) -> None:
-        # The assignment is with the executor by now; its blocks read the whole forms (heads
-        # included), so holding it would keep every in-flight comparison's heads alive.
+        # The assignment is the executor's (or the caller's) now: its blocks read only the MLP.
         self.assignment = None
         self.record: dict = {}
         self.residuals, self.head_perm = _attention_residuals(self.fa, self.fb, self.record)
