@@ -217,7 +217,8 @@ def assignment_summary(certs: Sequence[dict]) -> dict:
                "candidates, then an LP-duality check of every dense entry; drift.certified)",
         assignments=len(certs), dense_fallbacks=sum(c["dense_fallback"] for c in certs),
         max_rounds=max(c["rounds"] for c in certs), violators=sum(c["violators"] for c in certs),
-        max_relative_gap_bound=max(c["relative_gap_bound"] for c in certs))
+        max_relative_gap_bound=max(c["relative_gap_bound"] for c in certs),
+        remade_blocks=sum(c.get("remade_blocks", 0) for c in certs))
 
 
 Values = dict[int, dict[str, float]]
@@ -282,7 +283,8 @@ class _Tally:
     def certified(self, task: schedule.Task, cert) -> None:
         scale = max(abs(cert.objective), 1e-300)
         self.certs.append(dict(rounds=cert.rounds, violators=sum(cert.violators), dense_fallback=cert.dense_fallback,
-                               relative_gap_bound=0.0 if cert.dense_fallback else cert.gap_bound / scale))
+                               relative_gap_bound=0.0 if cert.dense_fallback else cert.gap_bound / scale,
+                               remade_blocks=cert.remade_blocks))
 
     def done(self, task: schedule.Task, values: dict[str, float]) -> None:
         i, k = task.pair, self.ids[task.pair]

@@ -20,7 +20,10 @@ Two sources of dense costs share that loop: a numpy matrix (:func:`certified_lap
 similarity to maximise made block by block in torch (:func:`certified_similarity`, what
 :mod:`drift.methods.exact` solves), which stays where it was made (a GPU's memory, say):
 the candidates are chosen in the pass that builds it, the certificate is checked there, and
-only the sparse problems (n·k entries) and the potentials cross to the CPU.
+only the sparse problems (n·k entries) and the potentials cross to the CPU. Between its scans
+the similarity is held in float16 with a rigorous bound on each entry's rounding; the few
+entries the bound cannot settle are taken from the candidates' float32 values or made again,
+so the answer and its certificate are those of the float32 similarity.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ class Certificate:
     gap_bound: float = 0.0  # σ's cost − a proven lower bound on the optimum
     objective: float = 0.0  # Σ_i C[i, σ(i)] (the minimised cost)
     dense_fallback: bool = False
+    remade_blocks: int = 0  # blocks of a similarity made again to settle entries its held copy could not
 
     @property
     def certified(self) -> bool:
@@ -77,7 +81,7 @@ class _NumpyCost:
         rows, cols = np.repeat(np.arange(n), k), cols.ravel()
         return rows, cols, C[rows, cols]
 
-    def scan(self, u: np.ndarray, v: np.ndarray, tol: float):
+    def scan(self, u: np.ndarray, v: np.ndarray, tol: float, known=None):
         """Every entry whose reduced cost C_ij − u_i − v_j is below −tol (rows, cols, costs),
         and the smallest reduced cost: one pass over C, a block of rows at a time."""
         vr, vc = [np.empty(0, dtype=np.int64)], [np.empty(0, dtype=np.int64)]
@@ -99,26 +103,44 @@ class _NumpyCost:
 
 
 class _TorchSimilarity:
-    """A similarity S to maximise (cost −S), made in blocks of rows by ``block(r0, r1)`` and
-    kept on its device in float32 (the dtype it is made in: nothing is rounded). Each block's
-    top-``k`` entries are taken as it is made; the certificate scans S where it lies."""
+    """A similarity S to maximise (cost −S), made in blocks of rows by ``block(r0, r1)`` on its
+    device. Each block's top-``k`` entries are taken, with their values, as it is made: the
+    candidates' costs are the blocks' own float32 values. S is then held where it was made, in
+    ``held`` precision:
 
-    def __init__(self, n: int, block, k: int, rows_per_block: int):
+    * ``torch.float32``: the blocks' values, exactly (4 bytes an entry);
+    * ``torch.float16`` (the default, half the memory): each block scaled by its largest
+      magnitude ``sc`` and rounded, so an entry is known to within ``sc·(2⁻¹¹ + 2⁻²⁴)``.
+
+    The certificate's scan runs in float32 over the held values with a margin that covers
+    that rounding and the scan's own arithmetic; an entry it cannot clear is settled exactly:
+    a candidate from its kept value, any other from its block made again (the same call, so
+    the same float32 values; only blocks with such an entry are remade, which is rare). Either
+    way the certificate is the one the float32 S would give."""
+
+    def __init__(self, n: int, block, k: int, rows_per_block: int, held=None):
         import torch
 
-        self.n, self.rows, self.k = n, rows_per_block, min(k, n)
+        self.n, self.rows, self.k, self.block = n, rows_per_block, min(k, n), block
+        self.held = torch.float16 if held is None else held
         self.S = None
+        self.sc, self.mag = [], []  # per block of rows: the factor its held values are scaled by, max |S|
         self.scale = 1e-300  # max |S|, taken block by block (S.abs() would be a second S)
+        self.remade = 0  # blocks made again by the scans
         top_v, top_i = [], []
         for r0 in range(0, n, rows_per_block):
             b = block(r0, min(n, r0 + rows_per_block))
             if self.S is None:
-                self.S = torch.empty((n, n), dtype=b.dtype, device=b.device)
-            self.S[r0:r0 + len(b)] = b
-            self.scale = max(self.scale, float(b.max()), -float(b.min()))
+                self.S = torch.empty((n, n), dtype=self.held, device=b.device)
+            big = max(float(b.max()), -float(b.min()), 1e-300)
+            self.scale = max(self.scale, big)
+            self.mag.append(big)
             v, i = torch.topk(b, self.k, dim=1, sorted=False)
             top_v.append(v)
             top_i.append(i)
+            self.sc.append(1.0 if self.held == torch.float32 else big)
+            # scaled to |entries| ≤ 1: no overflow, and fp16's relative precision down to 2⁻¹⁴
+            self.S[r0:r0 + len(b)] = b if self.held == torch.float32 else b / big
             del b
         self._top = torch.cat(top_v), torch.cat(top_i)
 
@@ -128,32 +150,77 @@ class _TorchSimilarity:
         rows = np.repeat(np.arange(self.n), v.shape[1])
         return rows, i.cpu().numpy().ravel().astype(np.int64), -v.cpu().double().numpy().ravel()
 
-    def scan(self, u: np.ndarray, v: np.ndarray, tol: float):
+    def _exact(self, r0: int, i, j):
+        """The float32 values S[r0 + i, j] of the block of rows at ``r0`` (torch indices)."""
         import torch
 
-        dev = self.S.device
-        ut = torch.as_tensor(u, device=dev)
-        vt = torch.as_tensor(v, device=dev)
+        if self.held == torch.float32:
+            return self.S[r0 + i, j]
+        self.remade += 1
+        return self.block(r0, min(self.n, r0 + self.rows))[i, j]
+
+    def scan(self, u: np.ndarray, v: np.ndarray, tol: float, known: tuple[np.ndarray, np.ndarray]):
+        """Every entry whose reduced cost −S_ij − u_i − v_j is below −tol (rows, cols, costs),
+        and a lower bound on the smallest reduced cost (exact where it is near 0). ``known``:
+        (sorted keys i·n + j, costs) of the candidates, whose costs are exact."""
+        import torch
+
+        dev, n = self.S.device, self.n
+        keys, kw = known
+        ut, vt = torch.as_tensor(u, device=dev), torch.as_tensor(v, device=dev)
+        u32, v32 = ut.float(), vt.float()
+        vmax = float(vt.abs().max()) if n else 0.0
         vr, vc, vw = [], [], []
         low = np.inf
-        for r0 in range(0, self.n, self.rows):
-            red = self.S[r0:r0 + self.rows].double().neg_()
-            red -= ut[r0:r0 + self.rows, None]
-            red -= vt
-            m = float(red.min())
-            low = min(low, m)
-            if m < -tol:
-                i, j = torch.nonzero(red < -tol, as_tuple=True)
-                vr.append((i + r0).cpu().numpy())
-                vc.append(j.cpu().numpy())
-                vw.append(-self.S[i + r0, j].cpu().double().numpy())
+        for b, r0 in enumerate(range(0, n, self.rows)):
+            r1 = min(n, r0 + self.rows)
+            sc, mag = self.sc[b], self.mag[b]
+            stored = 0.0 if self.held == torch.float32 else sc * (2.0 ** -11 + 2.0 ** -24)
+            # |float32 red − (−S_held − u − v)|: the casts of u and v and four roundings, each
+            # within 2⁻²⁴ of a magnitude ≤ max|S| + |u| + |v| (the block's)
+            margin = stored + 8 * 2.0 ** -24 * (mag * (1 + 2.0 ** -10) + float(ut[r0:r1].abs().max()) + vmax)
+            red = self.S[r0:r1].to(torch.float32, copy=True)
+            if sc != 1.0:
+                red.mul_(sc)
+            red.neg_().sub_(u32[r0:r1, None]).sub_(v32)
+            unclear = red < margin - tol
+            i, j = torch.nonzero(unclear, as_tuple=True)
+            red[unclear] = float("inf")
+            low = min(low, float(red.min()) - margin)  # a bound for the entries cleared
+            del red, unclear
+            if not len(i):
+                continue
+            gi, gj = (i + r0).cpu().numpy(), j.cpu().numpy()
+            key = gi * n + gj
+            pos = np.minimum(np.searchsorted(keys, key), max(len(keys) - 1, 0))
+            is_known = keys[pos] == key if len(keys) else np.zeros(len(key), bool)
+            w = np.empty(len(key))
+            w[is_known] = kw[pos[is_known]]
+            other = ~is_known
+            if other.any():
+                sel = torch.as_tensor(np.nonzero(other)[0], device=i.device)
+                w[other] = -self._exact(r0, i[sel], j[sel]).cpu().double().numpy()
+            exact = w - u[gi] - v[gj]
+            low = min(low, float(exact.min()))
+            bad = exact < -tol
+            if bad.any():
+                vr.append(gi[bad])
+                vc.append(gj[bad])
+                vw.append(w[bad])
         if not vr:
             e = np.empty(0, dtype=np.int64)
             return e, e, np.empty(0), low
         return np.concatenate(vr), np.concatenate(vc), np.concatenate(vw), low
 
     def dense(self) -> np.ndarray:
-        return self.S.double().neg_().cpu().numpy()
+        import torch
+
+        if self.held == torch.float32:
+            return self.S.double().neg_().cpu().numpy()
+        out = np.empty((self.n, self.n))
+        for r0 in range(0, self.n, self.rows):
+            out[r0:r0 + self.rows] = self.block(r0, min(self.n, r0 + self.rows)).double().neg_().cpu().numpy()
+        return out
 
 
 def _sparse_solve(n: int, rows: np.ndarray, cols: np.ndarray, w: np.ndarray) -> np.ndarray | None:
@@ -222,6 +289,8 @@ def _hubs(cols: np.ndarray, n: int) -> bool:
 def _certify(source, n: int, k: int, max_rounds: int, rtol: float) -> tuple[np.ndarray, Certificate]:
     tol = rtol * source.scale
     rows, cols, w = source.candidates(k)
+    keys, first = np.unique(rows * n + cols, return_index=True)  # sorted: the scan looks candidates up
+    rows, cols, w = keys // n, keys % n, w[first]
     cert = Certificate(rounds=0, candidates=0, tolerance=tol)
     while cert.rounds < max_rounds and not _hubs(cols, n):
         sigma = _sparse_solve(n, rows, cols, w)
@@ -229,7 +298,7 @@ def _certify(source, n: int, k: int, max_rounds: int, rtol: float) -> tuple[np.n
         if sigma is None:  # no full matching: a few columns top every row (hubs); dense is quicker
             break
         u, v = _duals(sigma, rows, cols, w)
-        vr, vc, vw, low = source.scan(u, v, tol)
+        vr, vc, vw, low = source.scan(u, v, tol, (keys, w))
         cert.violators.append(len(vr))
         cert.candidates, cert.min_reduced_cost = len(rows), low
         if not len(vr):  # (u, v + min(low, 0)) is dual feasible: a lower bound within n·|low| of σ's cost
@@ -270,8 +339,15 @@ def certified_lap(C: np.ndarray, k: int | None = None, max_rounds: int = 4,
 
 
 def certified_similarity(n: int, block, k: int | None = None, max_rounds: int = 4, rtol: float = 1e-12,
-                         rows_per_block: int = 512) -> tuple[np.ndarray, Certificate]:
+                         rows_per_block: int = 512, held=None) -> tuple[np.ndarray, Certificate]:
     """σ *maximising* Σ_i S[i, σ(i)] for a square similarity made in blocks of rows by
-    ``block(r0, r1) -> tensor`` (on any device), and its certificate (for the cost −S)."""
+    ``block(r0, r1) -> float32 tensor`` (on any device), and its certificate (for the cost −S).
+    ``held``: the precision S is kept in between its scans (default ``torch.float16``, half
+    the memory; ``torch.float32`` keeps the blocks' values). The answer and the certificate do
+    not depend on it: entries that float16 cannot settle are made again in float32. ``block``
+    must give the same values when called again for the same rows."""
     k = min(start_k(n) if k is None else k, n)
-    return _certify(_TorchSimilarity(n, block, k, rows_per_block), n, k, max_rounds, rtol)
+    source = _TorchSimilarity(n, block, k, rows_per_block, held)
+    sigma, cert = _certify(source, n, k, max_rounds, rtol)
+    cert.remade_blocks = source.remade
+    return sigma, cert
