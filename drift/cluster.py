@@ -19,6 +19,8 @@ cluster already runs pairs side by side, and a Dask worker's process may not for
 
 from __future__ import annotations
 
+import functools
+import hashlib
 from pathlib import Path
 from typing import Sequence
 
@@ -60,7 +62,7 @@ def compare_pairs(scheduler, models: Sequence, m: methods.Method, keys: Sequence
     try:
         for k in range(len(keys)):
             futures[client.submit(_pair, names, m.name, keys, k, n_null, seed, dtype, str(dev), form_budget,
-                                  pure=False)] = k
+                                  code_id(), pure=False)] = k
         for fut in distributed.as_completed(list(futures), loop=client.loop):
             k = futures[fut]
             try:
@@ -80,9 +82,15 @@ def compare_pairs(scheduler, models: Sequence, m: methods.Method, keys: Sequence
 
 
 def _pair(names: list[str | None], method: str, keys: Sequence[tuple], k: int, n_null: int, seed: int,
-          dtype: torch.dtype, device: str, form_budget: int) -> tuple[dict[str, float], dict[str, float], list[dict]]:
+          dtype: torch.dtype, device: str, form_budget: int,
+          caller_code: str) -> tuple[dict[str, float], dict[str, float], list[dict]]:
     """On a worker: pair ``k``'s observed values, null mean and assignment certificates, from
-    checkpoints it opens itself."""
+    checkpoints it opens itself, by the same drift code as the caller's (``caller_code``)."""
+    if code_id() != caller_code:
+        from . import __version__
+
+        raise DriftError(f"this worker runs other drift code (version {__version__}, code {code_id()}) than the "
+                         f"caller (code {caller_code}): install the same drift on every worker")
     readers = [open_layers(name, dtype) for name in names if name is not None]
     try:
         memory.for_layers(readers[0].sym, torch.empty((), dtype=dtype).element_size())
@@ -93,6 +101,21 @@ def _pair(names: list[str | None], method: str, keys: Sequence[tuple], k: int, n
         for r in readers:
             r.ckpt.close()
     return obs[k], null_sum.get(k, {}), certs
+
+
+@functools.cache
+def code_id() -> str:
+    """A digest of this drift's source files: equal on two machines iff they run the same code
+    (a version number does not tell two editable checkouts apart)."""
+    return digest(Path(__file__).parent)
+
+
+def digest(root: Path) -> str:
+    """12 hex digits of SHA-256 over the ``*.py`` files under ``root``, names and bytes."""
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:12]
 
 
 def _worker_name(model) -> str:

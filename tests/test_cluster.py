@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -111,6 +112,20 @@ def test_what_a_cluster_cannot_run_is_refused(client, monkeypatch):
     monkeypatch.setattr(drift_cluster, "_worker_name", lambda model: "/nonexistent/tiny")
     with pytest.raises(ModelNotFoundError, match="on a Dask worker: /nonexistent/tiny: no such directory"):
         drift.analyze(TINY_QWEN3, progress=False, scheduler=client)
+
+
+def test_a_worker_with_other_drift_code_refuses(client, monkeypatch, tmp_path):
+    """Workers that import another drift (an older install, an edited checkout) would give
+    other numbers under the same meta: each compares a digest of its drift's sources first."""
+    copy = tmp_path / "drift"
+    shutil.copytree(Path(drift.__file__).parent, copy, ignore=shutil.ignore_patterns("__pycache__", "data"))
+    assert drift_cluster.digest(copy) == drift_cluster.code_id()
+    (copy / "methods" / "exact.py").write_text((copy / "methods" / "exact.py").read_text() + "\n# edited\n")
+    assert drift_cluster.digest(copy) != drift_cluster.code_id()
+    monkeypatch.setattr(drift_cluster, "code_id", lambda: "000000000000")  # this side only: workers are processes
+    with pytest.raises(DriftError, match="on a Dask worker: this worker runs other drift code .*caller "
+                                         r"\(code 000000000000\): install the same drift on every worker"):
+        drift.analyze(TINY_QWEN3, layers=[0, 1], progress=False, scheduler=client)
 
 
 def test_no_scheduler_at_the_address_is_one_error():

@@ -105,13 +105,20 @@ def _ov_terms(fa: Form, fb: Form, diag: bool, heads_per_step: int = 8) -> tuple[
     return na, nb, torch.cat(rows)
 
 
-def _circuit_residuals(fa: Form, fb: Form, groups_per_chunk: int = 1) -> dict[str, float]:
+CHUNK_BYTES = 16 << 20
+"""About how many bytes of float64 head copies :func:`_circuit_residuals` makes at once."""
+
+
+def _circuit_residuals(fa: Form, fb: Form, groups_per_chunk: int | None = None) -> dict[str, float]:
     """Reported circuit distances for matched heads, in float64: the trace formulas subtract
     nearly equal numbers, and in float32 a zero distance would read as ~3e-4. The float64
-    copies are made a few KV groups at a time (each head's terms are independent; only the
-    layer-wide normalisation needs them all)."""
+    copies are made a few KV groups at a time, as many as fit in :data:`CHUNK_BYTES` (each
+    head's terms are independent; only the layer-wide normalisation needs them all)."""
     s = fa.sym
     r = s.group_size
+    if groups_per_chunk is None:
+        per_group = 2 * 8 * sum(t[0].numel() * m for t, m in ((fa.Q, r), (fa.K, 1), (fa.V, 1), (fa.O, r)))
+        groups_per_chunk = max(1, CHUNK_BYTES // max(per_group, 1))
     terms: dict[str, list[list[Tensor]]] = {"qk": [[], [], []], "ov": [[], [], []]}
     for g0 in range(0, s.n_kv_heads, groups_per_chunk):
         g1 = min(s.n_kv_heads, g0 + groups_per_chunk)
