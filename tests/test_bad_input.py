@@ -116,6 +116,21 @@ def test_damaged_weights_are_refused_by_tensor_name(case, model, tmp_path, capsy
     refused(model, tmp_path, capsys, *words)
 
 
+def test_finite_weights_whose_sum_overflows_are_read(model):
+    """The NaN/Inf check is one Σ|w| pass; a sum that overflows float32 with every entry finite
+    (two entries of 3e38) is checked entry by entry, and read, not refused."""
+    from drift.canonical import open_layers
+
+    def big(w):
+        w = w.clone()
+        w.view(-1)[3] = w.view(-1)[5] = 3e38
+        return w
+
+    _edit_weights(model, _set(Q1, big))
+    layer = open_layers(model).read(1)
+    assert float(layer.W_Q.abs().max()) == pytest.approx(3e38, rel=1e-6)
+
+
 def test_fp8_block_quantised_checkpoint_is_refused_not_misread(model, tmp_path, capsys):
     """Weights in float8 with their scales beside them, as FP8 checkpoints ship: refused by
     name (reading them unscaled gave ρ 0.56-0.93 on a model whose dequantised twin gives 0.03)."""
