@@ -28,6 +28,7 @@ so the answer and its certificate are those of the float32 similarity.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -109,14 +110,18 @@ class _TorchSimilarity:
     ``held`` precision:
 
     * ``torch.float32``: the blocks' values, exactly (4 bytes an entry);
-    * ``torch.float16`` (the default, half the memory): each block scaled by its largest
-      magnitude ``sc`` and rounded, so an entry is known to within ``sc·(2⁻¹¹ + 2⁻²⁴)``.
+    * ``torch.float16`` (the default, half the memory): each block divided by ``sc``, the
+      power of two at or below its largest magnitude (exactly: the quotients lie below 2 in
+      magnitude), and rounded, so an entry is known to within ``sc·2⁻¹¹``. A block whose
+      largest magnitude is below 2⁻¹⁰⁰ (or 0) is held unscaled, ``sc = 1``, within its largest
+      magnitude: its entries near the threshold are settled from the block made again.
 
     The certificate's scan runs in float32 over the held values with a margin that covers
     that rounding and the scan's own arithmetic; an entry it cannot clear is settled exactly:
     a candidate from its kept value, any other from its block made again (the same call, so
     the same float32 values; only blocks with such an entry are remade, which is rare). Either
-    way the certificate is the one the float32 S would give."""
+    way σ, the rounds and the violators are those of the float32 S; the smallest reduced cost
+    is a bound for the cleared entries, so the gap bound may read up to n·tol higher."""
 
     def __init__(self, n: int, block, k: int, rows_per_block: int, held=None):
         import torch
@@ -124,7 +129,7 @@ class _TorchSimilarity:
         self.n, self.rows, self.k, self.block = n, rows_per_block, min(k, n), block
         self.held = torch.float16 if held is None else held
         self.S = None
-        self.sc, self.mag = [], []  # per block of rows: the factor its held values are scaled by, max |S|
+        self.sc, self.mag, self.err = [], [], []  # per block of rows: its scale, max |S|, the held values' error
         self.scale = 1e-300  # max |S|, taken block by block (S.abs() would be a second S)
         self.remade = 0  # blocks made again by the scans
         top_v, top_i = [], []
@@ -133,14 +138,24 @@ class _TorchSimilarity:
             if self.S is None:
                 self.S = torch.empty((n, n), dtype=self.held, device=b.device)
             big = max(float(b.max()), -float(b.min()), 1e-300)
+            if not math.isfinite(big):
+                raise ValueError(f"the similarity has NaN or infinite entries in rows {r0}..{r0 + len(b) - 1}")
             self.scale = max(self.scale, big)
             self.mag.append(big)
             v, i = torch.topk(b, self.k, dim=1, sorted=False)
             top_v.append(v)
             top_i.append(i)
-            self.sc.append(1.0 if self.held == torch.float32 else big)
-            # scaled to |entries| ≤ 1: no overflow, and fp16's relative precision down to 2⁻¹⁴
-            self.S[r0:r0 + len(b)] = b if self.held == torch.float32 else b / big
+            # a power of two (no rounding in the division, nor in float32), quotients below 2:
+            # no overflow, float16's relative precision down to 2⁻¹⁴, rounding within sc·2⁻¹¹
+            if self.held == torch.float32:
+                sc, err = 1.0, 0.0
+            elif big >= 2.0 ** -100:
+                sc, err = 2.0 ** math.floor(math.log2(big)), 2.0 ** math.floor(math.log2(big)) * 2.0 ** -11
+            else:  # unscaled: float16 keeps nothing of it, and an entry is off by at most max |S|
+                sc, err = 1.0, big
+            self.sc.append(sc)
+            self.err.append(err)
+            self.S[r0:r0 + len(b)] = b if sc == 1.0 else b / sc
             del b
         self._top = torch.cat(top_v), torch.cat(top_i)
 
@@ -175,10 +190,9 @@ class _TorchSimilarity:
         for b, r0 in enumerate(range(0, n, self.rows)):
             r1 = min(n, r0 + self.rows)
             sc, mag = self.sc[b], self.mag[b]
-            stored = 0.0 if self.held == torch.float32 else sc * (2.0 ** -11 + 2.0 ** -24)
-            # |float32 red − (−S_held − u − v)|: the casts of u and v and four roundings, each
-            # within 2⁻²⁴ of a magnitude ≤ max|S| + |u| + |v| (the block's)
-            margin = stored + 8 * 2.0 ** -24 * (mag * (1 + 2.0 ** -10) + float(ut[r0:r1].abs().max()) + vmax)
+            # the held values' error, then |float32 red − (−S_held − u − v)|: the casts of u and
+            # v and the roundings, each within 2⁻²⁴ of a magnitude ≤ max|S| + |u| + |v| (the block's)
+            margin = self.err[b] + 8 * 2.0 ** -24 * (mag * (1 + 2.0 ** -10) + float(ut[r0:r1].abs().max()) + vmax)
             red = self.S[r0:r1].to(torch.float32, copy=True)
             if sc != 1.0:
                 red.mul_(sc)
@@ -228,7 +242,9 @@ def _sparse_solve(n: int, rows: np.ndarray, cols: np.ndarray, w: np.ndarray) -> 
     import scipy.sparse as sp
     from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 
-    shift = 1.0 - float(w.min())  # scipy reads a stored 0 as no edge: make every weight positive
+    # scipy reads a stored 0 as no edge: every weight made positive, on the costs' own scale
+    # (a shift of 1 would wash out costs of 1e-30)
+    shift = (float(np.abs(w).max()) or 1.0) - float(w.min())
     G = sp.csr_matrix((w + shift, (rows, cols)), shape=(n, n))
     try:
         r, c = min_weight_full_bipartite_matching(G)

@@ -78,6 +78,12 @@ def test_bad_shape():
 def _similarity(kind: str, n: int, rng: np.random.Generator) -> np.ndarray:
     if kind == "offset":  # the optimum turns on differences float16 cannot hold (its ulp at 1 is 1e-3)
         return 1 + 1e-4 * rng.standard_normal((n, n))
+    if kind == "zero-rows":  # a block of rows all 0 (its float16 scale must not be 0)
+        S = rng.standard_normal((n, n))
+        S[:100] = 0
+        return S
+    if kind == "tiny":  # float32 subnormals: below float16's range however scaled
+        return 1e-39 * rng.standard_normal((n, n))
     if kind == "related":  # B's units a permuted noisy copy of A's
         X = rng.standard_normal((n, 24))
         return (X[rng.permutation(n)] + 0.4 * rng.standard_normal((n, 24))) @ X.T
@@ -89,7 +95,8 @@ def _similarity(kind: str, n: int, rng: np.random.Generator) -> np.ndarray:
 
 SIM_CASES = [(kind, n, seed) for kind in ("gaussian", "related", "glu", "integer", "duplicates", "constant")
              for n in (8, 120, 700) for seed in (0, 1)] + [("gaussian", 2048, 0), ("related", 2048, 0),
-                                                           ("offset", 120, 0), ("offset", 700, 0)]
+                                                           ("offset", 120, 0), ("offset", 700, 0),
+                                                           ("zero-rows", 300, 0), ("tiny", 300, 0)]
 
 
 @pytest.mark.parametrize("held", ["float16", "float32"])
@@ -136,6 +143,18 @@ def test_similarity_violators_and_fallback():
     r, c = linear_sum_assignment(S.double().numpy(), maximize=True)
     assert S.double().numpy()[np.arange(300), sigma].sum() == pytest.approx(S.double().numpy()[r, c].sum(), rel=1e-12)
     assert cert.dense_fallback
+
+
+def test_a_similarity_with_nan_or_inf_is_refused():
+    import torch
+
+    from drift.certified import certified_similarity
+
+    for bad in (float("nan"), float("inf")):
+        S = torch.ones((300, 300))
+        S[200, 7] = bad
+        with pytest.raises(ValueError, match="NaN or infinite entries in rows 192..287"):
+            certified_similarity(300, lambda r0, r1: S[r0:r1].clone(), rows_per_block=96)
 
 
 def test_a_gap_above_the_limit_is_an_error(monkeypatch):
