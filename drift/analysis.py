@@ -227,7 +227,7 @@ Values = dict[int, dict[str, float]]
 
 def compare_pairs(readers: Sequence[LayerReader], m: methods.Method, keys: Sequence[tuple],
                   ids: Iterable[int], n_null: int, seed: int, dtype: torch.dtype, dev: torch.device,
-                  form_budget: int, bar, executor=None) -> tuple[Values, Values, list[dict]]:
+                  form_budget: int, bar, executor=None, draws: NullDraws | None = None) -> tuple[Values, Values, list[dict]]:
     """The observed values and null means of the pairs ``ids``, as ``(obs, null_sum, certs)``,
     with a summary of each certified assignment (``certs``, see :meth:`_Tally.certified`).
 
@@ -236,6 +236,7 @@ def compare_pairs(readers: Sequence[LayerReader], m: methods.Method, keys: Seque
     it: null draw j's rotation is the same for every pair, and pair k's gain shuffles are
     seeded by k, so a subset (one pair on a cluster worker) gives the whole run's values.
     ``executor``: the :mod:`drift.schedule` executor (default: worker processes where worth it).
+    ``draws``: the null's rotations, for a caller that runs many subsets (made here by default).
     """
     ids = list(ids)
     sub = [keys[k] for k in ids]
@@ -246,7 +247,8 @@ def compare_pairs(readers: Sequence[LayerReader], m: methods.Method, keys: Seque
         lambda key: m.form(readers[key[0]].read(key[1]).map(lambda t: t.to(device=dev, dtype=dtype)),
                            consume=True),
         sub, budget)
-    draws = NullDraws(sym.d_model, n_null, seed, dtype, dev)
+    if draws is None:
+        draws = NullDraws(sym.d_model, n_null, seed, dtype, dev)
     tally = _Tally(ids, n_null, bar)
 
     def start(task: schedule.Task) -> methods.Comparison:

@@ -10,6 +10,7 @@ come from their own generator (seed ``1000·seed + k``), consumed in draw order.
 from __future__ import annotations
 
 import operator
+import threading
 from collections import OrderedDict
 
 import torch
@@ -48,11 +49,16 @@ class NullDraws:
         self._kept: OrderedDict[int, torch.Tensor] = OrderedDict()
         self._room = max(1, budget // max(1, d * d * torch.empty((), dtype=dtype).element_size()))
         self.made = 0  # rotations made, remade ones included
+        self._lock = threading.Lock()  # a Dask worker's threads may share one (drift.cluster.null_draws)
 
     def rotation(self, j: int) -> torch.Tensor:
         """Rotation of draw ``j`` (0 ≤ j < n)."""
         if not 0 <= j < self.n:
             raise IndexError(j)
+        with self._lock:
+            return self._rotation(j)
+
+    def _rotation(self, j: int) -> torch.Tensor:
         if j in self._kept:
             self._kept.move_to_end(j)
             return self._kept[j]

@@ -128,6 +128,23 @@ def test_a_worker_with_other_drift_code_refuses(client, monkeypatch, tmp_path):
         drift.analyze(TINY_QWEN3, layers=[0, 1], progress=False, scheduler=client)
 
 
+def test_a_worker_makes_the_null_rotations_once_for_all_its_pairs():
+    """Each task is one pair; the rotations (the same for every pair) are kept per worker
+    process, so a worker running many pairs draws them once. Run here in this process."""
+    drift_cluster.null_draws.cache_clear()
+    keys = [((0, i), (0, i + 1)) for i in range(3)]
+    got = [drift_cluster._pair([TINY_QWEN3], "exact", keys, k, 2, 5, torch.float32, "cpu", 1 << 30,
+                               drift_cluster.code_id()) for k in range(3)]
+    draws = drift_cluster.null_draws(open_layers(TINY_QWEN3).sym.d_model, 2, 5, torch.float32, "cpu")
+    assert draws.made == 2 and drift_cluster.null_draws.cache_info().hits == 3  # 2 draws, made by the first pair
+    want = local(TINY_QWEN3, layers=[0, 1, 2, 3], n_null=2, seed=5).df
+    for k, (obs, null, _) in enumerate(got):
+        rows = want[want.layer_a == k].set_index("family")
+        for family, value in obs.items():
+            assert value == pytest.approx(rows.residual[family], rel=1e-6, abs=1e-9)
+            assert null[family] == pytest.approx(rows.null[family], rel=1e-6, abs=1e-9)
+
+
 def test_no_scheduler_at_the_address_is_one_error():
     import dask
 
