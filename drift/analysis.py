@@ -211,7 +211,13 @@ def analyze(model: str | LayerReader, layers: Iterable[int] | None = None, pairs
 
 
 def assignment_summary(certs: Sequence[dict]) -> dict:
-    """What the results say of their MLP assignments solved by the certified sparse path."""
+    """What the results say of their MLP assignments solved by the certified sparse path
+    (``meta["assignment"]``): ``assignments`` solved, ``dense_fallbacks`` among them that
+    scipy's dense solver decided, ``max_rounds`` of sparse solves one needed, ``violators``
+    (entries that joined the candidates after a scan, in all), ``max_relative_gap_bound`` (the
+    largest proven gap to the optimum over the objective; above 1e-9 is an error, never
+    reported), ``remade_blocks`` (blocks of a similarity made again because its float16 copy
+    could not settle an entry)."""
     return dict(
         solver="certified sparse (scipy min_weight_full_bipartite_matching on each row's top-k "
                "candidates, then an LP-duality check of every dense entry; drift.certified)",
