@@ -37,7 +37,8 @@ K_START = 16
 """The fewest candidates per row a first round takes; see :func:`start_k`."""
 
 GAP_LIMIT = 1e-9
-"""A certified gap bound above this fraction of Σ|C_iσ(i)| is a failure (:class:`UncertifiedAssignment`)."""
+"""A certified gap bound above this fraction of Σ|C_iσ(i)| (and above 2·n·tol, what the scan
+itself allows when that sum is near 0) is a failure (:class:`UncertifiedAssignment`)."""
 
 
 class UncertifiedAssignment(ArithmeticError):
@@ -191,16 +192,18 @@ class _TorchSimilarity:
             r1 = min(n, r0 + self.rows)
             sc, mag = self.sc[b], self.mag[b]
             # the held values' error, then |float32 red − (−S_held − u − v)|: the casts of u and
-            # v and the roundings, each within 2⁻²⁴ of a magnitude ≤ max|S| + |u| + |v| (the block's)
-            margin = self.err[b] + 8 * 2.0 ** -24 * (mag * (1 + 2.0 ** -10) + float(ut[r0:r1].abs().max()) + vmax)
+            # v and the roundings, each within 2⁻²⁴ of a magnitude ≤ max|S| + |u| + |v| (the
+            # block's), plus 2⁻¹⁵⁰ where a result is subnormal
+            margin = (self.err[b] + 8 * 2.0 ** -24 * (mag * (1 + 2.0 ** -10) + float(ut[r0:r1].abs().max()) + vmax)
+                      + 8 * 2.0 ** -149)
             red = self.S[r0:r1].to(torch.float32, copy=True)
             if sc != 1.0:
                 red.mul_(sc)
             red.neg_().sub_(u32[r0:r1, None]).sub_(v32)
-            unclear = red < margin - tol
+            unclear = red < _float32_up(margin - tol)  # cleared: red ≥ margin − tol, so the exact one ≥ −tol
             i, j = torch.nonzero(unclear, as_tuple=True)
             red[unclear] = float("inf")
-            low = min(low, float(red.min()) - margin)  # a bound for the entries cleared
+            low = min(low, max(float(red.min()) - margin, -tol))  # a bound for the entries cleared
             del red, unclear
             if not len(i):
                 continue
@@ -235,6 +238,32 @@ class _TorchSimilarity:
         for r0 in range(0, self.n, self.rows):
             out[r0:r0 + self.rows] = self.block(r0, min(self.n, r0 + self.rows)).double().neg_().cpu().numpy()
         return out
+
+
+def _float32_up(x: float) -> float:
+    """The least float32 ≥ ``x`` (a threshold that float32 comparisons cannot round down)."""
+    y = np.float32(x)
+    if float(y) < x:
+        y = np.nextafter(y, np.float32(np.inf))
+    return float(y)
+
+
+SPREAD_LIMIT = 1e6
+"""A row whose candidates' costs span less than 1/SPREAD_LIMIT of the costs' magnitude sends
+the problem to the dense solver: scipy's sparse matching loses such rows' differences next
+to the others (row scales 1e10 apart made it loop forever; 1e20 apart, return a non-optimal
+matching)."""
+
+
+def _ill_scaled(n: int, rows: np.ndarray, w: np.ndarray) -> bool:
+    """Do the rows' candidate costs span scales too far apart for the sparse solver?"""
+    hi = np.full(n, -np.inf)
+    lo = np.full(n, np.inf)
+    np.maximum.at(hi, rows, w)
+    np.minimum.at(lo, rows, w)
+    spread = hi - lo
+    spread = spread[spread > 0]
+    return bool(len(spread)) and float(np.abs(w).max()) > SPREAD_LIMIT * float(spread.min())
 
 
 def _sparse_solve(n: int, rows: np.ndarray, cols: np.ndarray, w: np.ndarray) -> np.ndarray | None:
@@ -308,12 +337,15 @@ def _certify(source, n: int, k: int, max_rounds: int, rtol: float) -> tuple[np.n
     keys, first = np.unique(rows * n + cols, return_index=True)  # sorted: the scan looks candidates up
     rows, cols, w = keys // n, keys % n, w[first]
     cert = Certificate(rounds=0, candidates=0, tolerance=tol)
-    while cert.rounds < max_rounds and not _hubs(cols, n):
+    while cert.rounds < max_rounds and not _hubs(cols, n) and not _ill_scaled(n, rows, w):
         sigma = _sparse_solve(n, rows, cols, w)
         cert.rounds += 1
         if sigma is None:  # no full matching: a few columns top every row (hubs); dense is quicker
             break
-        u, v = _duals(sigma, rows, cols, w)
+        try:
+            u, v = _duals(sigma, rows, cols, w)
+        except ArithmeticError:  # σ is not optimal on its candidates: the sparse solver lost precision
+            break
         vr, vc, vw, low = source.scan(u, v, tol, (keys, w))
         cert.violators.append(len(vr))
         cert.candidates, cert.min_reduced_cost = len(rows), low
@@ -321,7 +353,8 @@ def _certify(source, n: int, k: int, max_rounds: int, rtol: float) -> tuple[np.n
             on = sigma[rows] == cols
             cert.objective = float(w[on].sum())
             cert.gap_bound = cert.objective - float(u.sum() + v.sum()) + n * max(0.0, -low)
-            if cert.gap_bound > GAP_LIMIT * max(float(np.abs(w[on]).sum()), 1e-300):
+            # of the objective; at least the n·tol the scan itself allows (an objective near 0)
+            if cert.gap_bound > max(GAP_LIMIT * float(np.abs(w[on]).sum()), 2 * n * tol, 1e-300):
                 raise UncertifiedAssignment(f"assignment gap bound {cert.gap_bound:.3g} exceeds "
                                             f"{GAP_LIMIT:g} of the objective ({cert})")
             return sigma, cert
