@@ -224,7 +224,7 @@ def assignment_summary(certs: Sequence[dict]) -> dict:
         assignments=len(certs), dense_fallbacks=sum(c["dense_fallback"] for c in certs),
         max_rounds=max(c["rounds"] for c in certs), violators=sum(c["violators"] for c in certs),
         max_relative_gap_bound=max(c["relative_gap_bound"] for c in certs),
-        remade_blocks=sum(c.get("remade_blocks", 0) for c in certs))
+        remade_blocks=sum(c["remade_blocks"] for c in certs))
 
 
 Values = dict[int, dict[str, float]]

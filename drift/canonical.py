@@ -224,10 +224,14 @@ class LayerReader:
         return f"{self.root}{self.spec.layers.format(i=i)}."
 
     def _t(self, name: str) -> Tensor:
+        return self._checked(name)[0]
+
+    def _checked(self, name: str) -> tuple[Tensor, float]:
+        """Tensor ``name``, refused if it holds NaN or Inf, and its Σ|t|."""
         t = self.ckpt.get(name, self.dtype)
         # One fused pass: Σ|t| is NaN or Inf iff an entry is (or, harmlessly, if the sum overflows)
-        self._l1 = float(torch.linalg.vector_norm(t, 1)) if t.numel() else 0.0
-        if not math.isfinite(self._l1):
+        l1 = float(torch.linalg.vector_norm(t, 1)) if t.numel() else 0.0
+        if not math.isfinite(l1):
             bad = int((~torch.isfinite(t)).sum())
             if bad:
                 raise CheckpointError(f"{self.ckpt.folder}: tensor {name!r} has {bad} NaN or Inf "
@@ -236,7 +240,7 @@ class LayerReader:
             # Let the shard's mapped pages of a large tensor go at once: they count in the
             # process's RSS while mapped, and would add to the peak of a read.
             self.ckpt.close()
-        return t
+        return t, l1
 
     def _linear(self, module: str, bias: bool,
                 shape: tuple[int, int] | None = None) -> tuple[Tensor, Tensor | None]:
@@ -245,8 +249,8 @@ class LayerReader:
         With ``shape``, the math-layout ``W`` must have that shape (checked here, before any
         reshape, so that a config that disagrees with the weights is named, not a torch error).
         """
-        w = self._t(module + ".weight")
-        if self._l1 == 0.0:  # Σ|w| of the pass above: every entry is 0
+        w, l1 = self._checked(module + ".weight")
+        if l1 == 0.0:  # every entry is 0
             raise CheckpointError(f"{self.ckpt.folder}: tensor {module + '.weight'!r} is all zeros (a pruned or "
                                   "uninitialised layer?): its distance to anything is undefined")
         if self.spec.linear == "conv1d":

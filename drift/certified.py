@@ -23,7 +23,7 @@ the candidates are chosen in the pass that builds it, the certificate is checked
 only the sparse problems (n·k entries) and the potentials cross to the CPU. Between its scans
 the similarity is held in float16 with a rigorous bound on each entry's rounding; the few
 entries the bound cannot settle are taken from the candidates' float32 values or made again,
-so the answer and its certificate are those of the float32 similarity.
+so the answer (σ, rounds, violators) is that of the float32 similarity.
 """
 
 from __future__ import annotations
@@ -151,7 +151,8 @@ class _TorchSimilarity:
             if self.held == torch.float32:
                 sc, err = 1.0, 0.0
             elif big >= 2.0 ** -100:
-                sc, err = 2.0 ** math.floor(math.log2(big)), 2.0 ** math.floor(math.log2(big)) * 2.0 ** -11
+                sc = 2.0 ** math.floor(math.log2(big))
+                err = sc * 2.0 ** -11
             else:  # unscaled: float16 keeps nothing of it, and an entry is off by at most max |S|
                 sc, err = 1.0, big
             self.sc.append(sc)
@@ -392,9 +393,9 @@ def certified_similarity(n: int, block, k: int | None = None, max_rounds: int = 
     """σ *maximising* Σ_i S[i, σ(i)] for a square similarity made in blocks of rows by
     ``block(r0, r1) -> float32 tensor`` (on any device), and its certificate (for the cost −S).
     ``held``: the precision S is kept in between its scans (default ``torch.float16``, half
-    the memory; ``torch.float32`` keeps the blocks' values). The answer and the certificate do
-    not depend on it: entries that float16 cannot settle are made again in float32. ``block``
-    must give the same values when called again for the same rows."""
+    the memory; ``torch.float32`` keeps the blocks' values). The answer does not depend on it:
+    entries that float16 cannot settle are made again in float32 (the gap bound may read up to
+    n·tol higher). ``block`` must give the same values when called again for the same rows."""
     k = min(start_k(n) if k is None else k, n)
     source = _TorchSimilarity(n, block, k, rows_per_block, held)
     sigma, cert = _certify(source, n, k, max_rounds, rtol)

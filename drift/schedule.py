@@ -201,15 +201,15 @@ def run(tasks: Sequence[Task], start: Callable, executor, store: FormStore,
         if c.assignment is None:
             c.prepare()
             finished(task, c, c.finish(None))
-        elif getattr(executor, "solves_now", False):
-            cost = c.assignment  # solved at once: prepare first, so the heads are gone by then
-            c.prepare()
-            fut = executor.submit(cost)
-            del cost
-            inflight.append((task, c, fut))
         else:
-            fut = executor.submit(c.assignment)
-            c.prepare()  # while the executor solves
+            cost = c.assignment
+            if getattr(executor, "solves_now", False):
+                c.prepare()  # solved at once: the heads are let go first
+                fut = executor.submit(cost)
+            else:
+                fut = executor.submit(cost)
+                c.prepare()  # while the executor solves
+            del cost
             inflight.append((task, c, fut))
         while len(inflight) >= max(executor.width, 1):
             finish_oldest()
