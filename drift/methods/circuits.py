@@ -81,7 +81,7 @@ def _ov_cost(fa: Form, fb: Form, diag: bool = False) -> Tensor:
     return _normalised_dist2(*_ov_terms(fa, fb, diag), diag)
 
 
-def _ov_terms(fa: Form, fb: Form, diag: bool, heads_per_step: int = 8) -> tuple[Tensor, Tensor, Tensor]:
+def _ov_terms(fa: Form, fb: Form, diag: bool) -> tuple[Tensor, Tensor, Tensor]:
     s = fa.sym
     r = s.group_size
     gidx = torch.arange(s.n_heads, device=fa.O.device) // r
@@ -92,16 +92,15 @@ def _ov_terms(fa: Form, fb: Form, diag: bool, heads_per_step: int = 8) -> tuple[
         OaOb = torch.einsum("aki,akj->aij", fa.O, fb.O)  # Oaᵀ Ob
         cross = (OaOb * torch.einsum("aip,ajp->aij", fa.V, fb.V)[gidx]).sum((-1, -2))  # tr(Oaᵀ Ob Vb Vaᵀ)
         return na, nb, cross
-    # every head pair, a few KV groups of A at a time: (heads, n_heads, d_head, d_head) blocks
-    nkv, dh = s.n_kv_heads, s.d_head
-    step = max(1, heads_per_step // r)
-    rows = []
-    for g0 in range(0, nkv, step):
-        g1 = min(nkv, g0 + step)
-        OaOb = torch.einsum("aki,bkj->abij", fa.O[g0 * r:g1 * r], fb.O)
-        VaVb = torch.einsum("aip,bjp->abij", fa.V[g0:g1], fb.V)  # per KV-group pair
-        rows.append(torch.einsum("gxhyij,ghij->gxhy", OaOb.reshape(g1 - g0, r, nkv, r, dh, dh), VaVb)
-                    .reshape((g1 - g0) * r, nkv * r))
+    # every head pair: tr(Oaᵀ Ob Vb Vaᵀ) = ⟨Oa (Va Vbᵀ), Ob⟩ with one product Oa (Va Vbᵀ) per head
+    # of A and KV group of B (n_heads · n_kv · d_model · d_head² multiply-adds, instead of
+    # n_heads² · d_model · d_head² for every Oaᵀ Ob), one head of A at a time
+    nh, H, dh = fa.O.shape
+    nkv = s.n_kv_heads
+    VaVb = torch.einsum("aip,bjp->abij", fa.V, fb.V)  # (nkv, nkv, dh, dh) per KV-group pair
+    Ob = fb.O.reshape(nkv, r, H * dh)
+    rows = [torch.einsum("gm,gxm->gx", (fa.O[h] @ VaVb[h // r]).reshape(nkv, H * dh), Ob).reshape(1, nh)
+            for h in range(nh)]
     return na, nb, torch.cat(rows)
 
 
