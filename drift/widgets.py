@@ -167,10 +167,14 @@ class Explorer:
         display(bundle, raw=True)
 
     def describe(self) -> str:
-        """One line: the current settings and where the last result came from."""
-        text = setting_words(self.settings(), html=False)
-        if self.from_cache is not None:
-            text += ", from the cache" if self.from_cache else ", computed"
+        """One line: the setting of the figures shown and where their result came from, and
+        the controls' setting when it is another one (not run yet, or failed)."""
+        if self.result is None:
+            return setting_words(self.settings(), html=False) + ", not run yet"
+        text = setting_words(self._shown(), html=False)
+        text += ", from the cache" if self.from_cache else ", computed"
+        if self._analysis() != self._result_setting:
+            text += f"; the controls now ask for {setting_words(self.settings(), html=False)} (not shown)"
         return text
 
     def __repr__(self) -> str:
@@ -319,7 +323,7 @@ class Explorer:
         # yet) is not redrawn under the new setting's name: its figures stay as they are.
         if self.auto and self.result is not None and self._analysis() == self._result_setting:
             render_s = self._render_and_show()
-            self._show_status(self._done_line(render_s), "done")
+            self._show_status(self._done_line(render_s), "done", self._shown_tag())
 
     # ------------------------------------------------------------------ work
     def refresh(self) -> AnalysisResult | None:
@@ -327,6 +331,10 @@ class Explorer:
 
         Returns the result, or None when the analysis failed or was interrupted (the
         message is in ``status``; the previous figures stay, with their own setting tag).
+
+        Everything shown is of the settings read when the refresh began: controls changed
+        while it computes do not relabel its figures, and a result that a later refresh has
+        overtaken (a control changed meanwhile, with ``auto``) is returned but not shown.
         """
         s = self.settings()
         lo, hi = s["block"]
@@ -334,6 +342,7 @@ class Explorer:
             self._show_status("Pick a block of at least two layers.", "error")
             return None
         self._requests += 1
+        request = self._requests
         t0 = time.perf_counter()
         self.interrupted = False
         self._show_status(f"Analysing {setting_words(s)} …", "running")
@@ -346,10 +355,14 @@ class Explorer:
         failure: BaseException | None = None
         try:
             with interruptible(), progress_bar(self._bar, self._bar_text, self.progress, unit) as progress:
-                result, hit = cache.get_or_compute(s["model"], layers=layers, pairs=s["pairs"],
-                                                   progress=progress, **kwargs)
+                result, hit, key = cache.get_or_compute_keyed(s["model"], layers=layers, pairs=s["pairs"],
+                                                              progress=progress, **kwargs)
         except BaseException as e:  # noqa: BLE001 - sorted out below
             failure = e
+        if request != self._requests:  # overtaken: the later refresh shows its own result or failure
+            if failure is not None and not isinstance(failure, (KeyboardInterrupt, DriftError)):
+                raise failure
+            return None if failure is not None else result
         if isinstance(failure, KeyboardInterrupt):
             self.interrupted = True
             self._show_status(INTERRUPTED, "interrupted")
@@ -361,8 +374,8 @@ class Explorer:
             return None
         t1 = time.perf_counter()
         self.result, self.from_cache = result, hit
-        self._result_digest = Cache.digest(cache.last_key)
-        self._result_setting = self._analysis()
+        self._result_digest = Cache.digest(key)
+        self._result_setting = {k: s[k] for k in ANALYSIS}
         self._hold = True
         try:
             self._sync_families()
@@ -371,12 +384,21 @@ class Explorer:
         render_s = self._render_and_show()
         t2 = time.perf_counter()
         self.timing = {"result_s": t1 - t0, "render_s": render_s, "total_s": t2 - t0}
-        self.history.append({**self.settings(), "from_cache": hit, **self.timing})
-        self._show_status(self._done_line(render_s), "done")
+        self.history.append({**self._shown(), "from_cache": hit, **self.timing})
+        self._show_status(self._done_line(render_s), "done", self._shown_tag())
         return result
 
     def _done_line(self, render_s: float) -> str:
-        return done_line(self.settings(), self.from_cache, self.timing.get("result_s"), render_s)
+        return done_line(self._shown(), self.from_cache, self.timing.get("result_s"), render_s)
+
+    def _shown(self) -> dict[str, Any]:
+        """The setting of what is drawn: the result's analysis settings, the current view."""
+        shown = {**self.settings(), **self._result_setting}
+        shown["value"] = self._value.value if shown["space"] == "weights" else "residual"
+        return shown
+
+    def _shown_tag(self) -> str:
+        return setting_tag(self._shown(), self._families.value)
 
     def setting_tag(self) -> str:
         """The current setting as one string; renders and status lines carry it."""
@@ -390,19 +412,21 @@ class Explorer:
         """Draw (or recall) the figures of the current result and view; return the seconds."""
         t0 = time.perf_counter()
         fams = tuple(self._families.value) or tuple(self.result.families)
+        shown = self._shown()
         self.figures, pngs = self._drawn.recall(self.result, self._result_digest, fams,
-                                                self.settings()["value"], self.dpi)
-        self._show(pngs)
+                                                shown["value"], self.dpi)
+        self._show(pngs, shown)
         return time.perf_counter() - t0
 
-    def _show(self, pngs: list[tuple[str, str]]) -> None:
+    def _show(self, pngs: list[tuple[str, str]], shown: dict[str, Any]) -> None:
         """Replace the figures (base64 PNGs) in one assignment, tagged with the setting they show."""
-        self.shown_setting = self.setting_tag()
-        self.output.value = figures_html(pngs, self.shown_setting, self.settings(), self._requests)
+        self.shown_setting = setting_tag(shown, self._families.value)
+        self.output.value = figures_html(pngs, self.shown_setting, shown, self._requests)
 
-    def _show_status(self, html: str, state: str = "done") -> None:
+    def _show_status(self, html: str, state: str = "done", tag: str | None = None) -> None:
+        """The status line, tagged with the setting it is about (default: the controls')."""
         self.status = html
-        self._status.value = status_html(html, self.setting_tag(), state)
+        self._status.value = status_html(html, tag if tag is not None else self.setting_tag(), state)
 
 
 def _choice(v: str, allowed: Sequence[str], what: str) -> str:

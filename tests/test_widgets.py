@@ -123,8 +123,8 @@ def test_controls_trigger_refresh_and_view_changes_do_not_reanalyse(llama, cache
     ex = _explorer(llama, cache)
     ex.refresh()
     calls = []
-    real = cache.get_or_compute
-    monkeypatch.setattr(cache, "get_or_compute", lambda *a, **k: calls.append(k) or real(*a, **k))
+    real = cache.get_or_compute_keyed
+    monkeypatch.setattr(cache, "get_or_compute_keyed", lambda *a, **k: calls.append(k) or real(*a, **k))
 
     ex._method.value = "raw"  # what a click does
     assert len(calls) == 1 and ex.result.method == "raw"
@@ -311,6 +311,56 @@ def test_interrupted_request_keeps_the_old_figures_tagged_as_old(llama, tmp_path
     ex.set(method="raw").refresh()
     figs, status, state = _tags(ex)
     assert state == "interrupted" and figs == {html.escape(old_tag)} and status != old_tag
+
+
+def _paused(gate: dict):
+    """drift.analyze, except that an exact analysis waits at ``gate["go"]`` after saying so."""
+    import threading
+
+    gate.update(started=threading.Event(), go=threading.Event())
+
+    def analyze(model, **kw):
+        if kw.get("method") == "exact":
+            gate["started"].set()
+            assert gate["go"].wait(60)
+        return drift.analyze(model, **kw)
+
+    return analyze
+
+
+@pytest.mark.parametrize("how", ["set", "click"])
+def test_a_setting_changed_while_computing_does_not_relabel_the_figures(llama, tmp_path, how):
+    """A refresh running in a thread (a control's callback under ipykernel 7) while the
+    controls change: ``set`` in a cell (no new refresh) leaves its figures labelled as its
+    own setting; a click (``auto``: a second refresh) wins, the overtaken result is not shown,
+    and neither leaves figures in the figure memory under another setting."""
+    import threading
+
+    gate: dict = {}
+    ex = _explorer(llama, Cache(tmp_path / "cache", analyze=_paused(gate)), method="rotation")
+    ex.refresh()
+    ex.set(method="exact")
+    exact_tag = ex.setting_tag()
+    worker = threading.Thread(target=ex.refresh)
+    worker.start()
+    assert gate["started"].wait(60)
+    if how == "set":
+        ex.set(method="raw")
+    else:
+        ex._method.value = "raw"  # raw's refresh runs and shows; exact finishes after it
+    gate["go"].set()
+    worker.join(60)
+    figs, status, state = _tags(ex)
+    assert state == "done" and figs == {html.escape(status)}
+    want = "exact" if how == "set" else "raw"
+    assert ex.result.method == want and status.split("|")[2] == want
+    assert ("exact gauge" in _all_titles(ex)) == (want == "exact")
+    if how == "set":
+        assert status == exact_tag and "the controls now ask for" in ex.describe()
+    ex.set(method="raw", value="residual").refresh()  # race-free: raw's own figures, whatever came before
+    assert ex.result.method == "raw" and "exact gauge" not in _all_titles(ex)
+    ex.set(method="exact", value="rho").refresh()
+    assert ex.result.method == "exact" and "exact gauge" in _all_titles(ex)
 
 
 def _signalling(model, progress=True, **kw):
