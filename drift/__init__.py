@@ -13,6 +13,9 @@ from .errors import (CheckpointError, DriftError, LayerIndexError, MissingTensor
 from .checkpoint import Checkpoint, resolve_model
 from .canonical import CanonicalLayer, LayerReader, LayerSymmetry, open_layers
 from .result import AnalysisResult
+from .cache import code_digest as _code_digest
+
+_code_digest()  # the numerical sources as imported: the cache's code key (drift.cache)
 
 __all__ = [
     "__version__", "DriftError", "CheckpointError", "LayerIndexError", "MissingTensorError",

@@ -381,7 +381,7 @@ def _result(name: str, reader: LayerReader, m: methods.Method, plist, obs, null_
     df["family"] = df["family"].astype(str)
     n_null = args["n_null"]
     meta = dict(
-        model=name, architecture=s.arch, method=m.name, pairs=args["pairs"], layers=args["layers"],
+        model=name, identity=reader.ckpt.identity(), architecture=s.arch, method=m.name, pairs=args["pairs"], layers=args["layers"],
         seed=args["seed"], n_null=n_null, dtype=str(args["dtype"]).replace("torch.", ""),
         device=str(args["device"]), drift_version=__version__, approximate=m.approximate,
         config=dict(n_layers=reader.n_layers, d_model=s.d_model, n_heads=s.n_heads,

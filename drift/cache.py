@@ -3,7 +3,8 @@
 An entry is one JSON file named by the SHA-256 of its key. The key is everything that
 decides the numbers::
 
-    checkpoint identity   folder + size and mtime of every weight file (Checkpoint.identity)
+    checkpoint identity   folder + size, mtime, inode and ctime of every weight file
+                          (Checkpoint.identity; ctime catches a rewrite whose mtime was restored)
     checkpoint config     SHA-256 of the parsed config.json: editing it changes the model
     other's identity      the same two, under ``other``, for a cross-model analysis
                           (``analyze(model, other=...)``); absent for one model
@@ -15,9 +16,13 @@ decides the numbers::
                           ``dtype`` "fp32" or torch.float32 is "float32", ``pairs`` None
                           is the default it stands for
     drift version         a new release never serves an old release's numbers
-    drift code digest     SHA-256 of the package's numerical source files, so that editing
-                          the analysis in a development checkout (same version) does not
-                          serve numbers the new code would not produce
+    drift code digest     SHA-256 of the package's numerical source files as they were when
+                          drift was imported, so that editing the analysis in a development
+                          checkout (same version) does not serve numbers the new code would
+                          not produce; while the files on disk differ from that (a ``git
+                          pull`` or an edit under a running kernel, ``%autoreload``), the
+                          process may run either, so the cache is bypassed: neither read
+                          nor written, with one warning
     namespace, inputs     only for a function other than ``drift.analyze`` (:data:`NAMESPACES`):
                           its name, so that two functions never serve each other's results, and
                           what it reads besides the weights and the config (activations: the
@@ -138,7 +143,16 @@ VIEW_PACKAGES = frozenset({"plots"})
 @functools.lru_cache(maxsize=1)
 def code_digest() -> str:
     """SHA-256 (16 hex digits) of every source file of the package (subpackages included)
-    that can change a result."""
+    that can change a result, as they were on first call: ``import drift`` makes it."""
+    return _source_digest()
+
+
+def code_changed() -> bool:
+    """Do drift's numerical source files differ from those :func:`code_digest` describes?"""
+    return _source_digest() != code_digest()
+
+
+def _source_digest() -> str:
     h = hashlib.sha256()
     root = Path(__file__).parent
     for f in sorted(root.rglob("*.py")):
@@ -260,10 +274,15 @@ class Cache:
         def checkpoint(ckpt: Any) -> dict[str, str]:
             return {"identity": ckpt.identity(), "config": _checksum(getattr(ckpt, "config", None))}
 
+        def reader_dtype(model: Any) -> dict[str, str]:  # an open reader converts in its own dtype
+            dt = getattr(model, "dtype", None) if hasattr(model, "ckpt") else None
+            return {"reader_dtype": _dtype_name(dt)} if dt is not None else {}
+
         ckpt = open_(bound.args[0])  # analyze's first argument is the model
-        key = {"format": FORMAT, **checkpoint(ckpt), "args": args, "drift": __version__, "code": code_digest()}
+        key = {"format": FORMAT, **checkpoint(ckpt), **reader_dtype(bound.args[0]), "args": args,
+               "drift": __version__, "code": code_digest()}
         if other is not None:
-            key["other"] = checkpoint(open_(other))
+            key["other"] = {**checkpoint(open_(other)), **reader_dtype(other)}
         if self.namespace != "weights":  # a run of the model on text
             key["namespace"] = self.namespace
             key["inputs"] = _run_inputs(ckpt, bound.arguments)
@@ -400,22 +419,47 @@ class Cache:
         stores nothing. ``refresh=True`` recomputes and overwrites. Problems of the cache
         itself are logged, never raised: ``analyze``'s result is returned all the same.
         """
+        return self.get_or_compute_keyed(model, refresh, **kwargs)[:2]
+
+    def get_or_compute_keyed(self, model: Any, refresh: bool = False, **kwargs: Any
+                             ) -> tuple[AnalysisResult, bool, dict[str, Any]]:
+        """:meth:`get_or_compute` and the key it used (``last_key`` is another call's as
+        soon as one starts, in another thread)."""
         bound = self._bind(model, kwargs)
         key = self._key(bound)
         self.last_key = key
-        writable = True
-        if not refresh:
+        use = not code_changed()
+        if not use:
+            _warn_code_changed()
+        writable = use
+        if use and not refresh:
             hit, writable = self._lookup(key)
             if hit is not None:
                 self.hits += 1
                 self.last_hit = True
-                return hit, True
+                _renamed(hit, bound)
+                return hit, True, key
         self.misses += 1
         self.last_hit = False
         result = self.analyze(*bound.args, **bound.kwargs)
         if writable:
             self.put(key, result)
-        return result, False
+        return result, False, key
+
+
+def _renamed(result: AnalysisResult, bound: inspect.BoundArguments) -> None:
+    """A hit names the models as this request does: the entry may have been made under
+    another name for the same files (a symlink since repointed, the bundled model's path)."""
+    for meta, model in ((result.meta, bound.args[0]),
+                        (result.meta.get("other"), bound.arguments.get("other"))):
+        if isinstance(meta, dict) and "model" in meta and model is not None:
+            meta["model"] = str(model.ckpt.name if hasattr(model, "ckpt") else model)
+
+
+@functools.lru_cache(maxsize=1)
+def _warn_code_changed() -> None:
+    log.warning("drift cache: drift's source files changed after it was imported; this process "
+                "may run the old code or the new, so the cache is not used until it restarts")
 
 
 def cached_analyze(model: Any, *, cache: Cache | str | Path | None = None, refresh: bool = False,

@@ -297,9 +297,12 @@ class Checkpoint:
         self._handle = None
 
     def identity(self) -> str:
-        """A string that changes when the checkpoint's weights change (for caches)."""
+        """A string that changes when the checkpoint's weights change (for caches): each
+        weight file's size, mtime, inode and ctime. The ctime is the kernel's and cannot be
+        set back, so a file rewritten in place keeps no identity even when its mtime is
+        restored (``cp -p``, ``rsync -t``, an unzip); a new file in its place has a new inode."""
         parts = [str(self.folder.resolve())]
         for fname in sorted(set(self.index.weight_map.values())):
             st = (self.folder / fname).stat()
-            parts.append(f"{fname}:{st.st_size}:{st.st_mtime_ns}")
+            parts.append(f"{fname}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}:{st.st_ctime_ns}")
         return "|".join(parts)

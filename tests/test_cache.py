@@ -100,9 +100,47 @@ def test_new_drift_version_misses(cache, fake, ckpt, monkeypatch):
 
 def test_edited_numerical_code_misses(cache, fake, ckpt, monkeypatch):
     cache.get_or_compute(ckpt)
-    monkeypatch.setattr(dcache, "code_digest", lambda: "edited")
+    monkeypatch.setattr(dcache, "code_digest", lambda: "edited")  # a new process on edited code
+    monkeypatch.setattr(dcache, "_source_digest", lambda: "edited")
     _, hit = cache.get_or_compute(ckpt)
-    assert not hit and fake.calls == 2
+    assert not hit and fake.calls == 2 and len(cache.entries()) == 2
+
+
+def test_sources_changed_under_a_running_process_bypass_the_cache(cache, fake, ckpt, monkeypatch, caplog):
+    """After a ``git pull`` under a running kernel the process may run old code or new: its
+    results are neither served from nor stored in the cache, and it says so once."""
+    cache.get_or_compute(ckpt)
+    monkeypatch.setattr(dcache, "_source_digest", lambda: "pulled")
+    dcache._warn_code_changed.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="drift.cache"):
+        for layers in ([0, 1, 2], [0, 1]):
+            _, hit = cache.get_or_compute(ckpt, layers=layers)
+            assert not hit
+    assert fake.calls == 3 and len(cache.entries()) == 1
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "source files changed" in warnings[0]
+    dcache._warn_code_changed.cache_clear()
+
+
+def test_the_code_digest_is_that_of_the_sources_drift_was_imported_from(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    shutil.copytree(Path(dcache.__file__).parent, tmp_path / "drift", ignore=shutil.ignore_patterns("__pycache__"))
+    script = (
+        "import json, pathlib, drift, drift.cache as c\n"
+        "assert drift.__file__.startswith(%r)\n"
+        "before = c.code_digest(), c.code_changed()\n"
+        "f = pathlib.Path(drift.__file__).parent / 'null.py'\n"
+        "f.write_text(f.read_text() + '# pulled\\n')\n"
+        "print(json.dumps([*before, c.code_digest(), c.code_changed(), c._source_digest()]))\n"
+    ) % str(tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True,
+                         check=True)
+    d0, changed0, d1, changed1, disk = json.loads(out.stdout)
+    assert d0 == d1 != disk and not changed0 and changed1
 
 
 def test_code_digest_ignores_the_view_modules():
@@ -296,3 +334,24 @@ def test_real_analysis_round_trip(tmp_path, toy_checkpoint):
     assert (hit1, hit2) == (False, True)
     assert list(r2.df.columns[: len(COLUMNS)]) == COLUMNS
     _same(r1, r2)
+
+
+def test_a_hit_names_the_model_as_the_request_does(cache, fake, ckpt, tmp_path):
+    """The entry was made through a symlink (since repointed, say): a request by the real
+    folder gets the same numbers under its own name."""
+    link = tmp_path / "latest"
+    link.symlink_to(ckpt, target_is_directory=True)
+    first, hit = cache.get_or_compute(str(link))
+    assert not hit and first.meta["model"] == str(link)
+    again, hit = cache.get_or_compute(str(ckpt))
+    assert hit and fake.calls == 1 and again.meta["model"] == str(ckpt)
+
+
+def test_an_open_readers_dtype_is_in_the_key(cache, ckpt):
+    """A reader converts the weights in its own dtype, whatever ``dtype`` the analysis asks."""
+    import torch
+
+    r32, r64 = drift.open_layers(str(ckpt), torch.float32), drift.open_layers(str(ckpt), torch.float64)
+    keys = [cache.key(m, dtype="float64") for m in (r32, r64, str(ckpt))]
+    assert keys[0] != keys[1] and keys[0] != keys[2]
+    assert cache.key(r32, dtype="float64") == keys[0]

@@ -325,3 +325,24 @@ def test_identity_changes_when_weights_change(checkpoint_copy):
     _rewrite_safetensors(folder / "model.safetensors",
                          lambda t: t["model.layers.0.mlp.up_proj.weight"].mul_(2))
     assert Checkpoint.open(folder).identity() != before
+
+
+def test_identity_changes_when_weights_are_rewritten_in_place_with_the_mtime_restored(checkpoint_copy):
+    """``cp -p``/``rsync -t`` over a file: same size, same inode, same mtime; only ctime moves."""
+    import os
+    import time
+
+    folder = checkpoint_copy("llama")
+    path = folder / "model.safetensors"
+    st = path.stat()
+    before = Checkpoint.open(folder).identity()
+    time.sleep(0.05)  # past a coarse timestamp tick
+    with open(path, "r+b") as f:
+        f.seek(-4, os.SEEK_END)
+        last = f.read(4)
+        f.seek(-4, os.SEEK_END)
+        f.write(bytes(b ^ 1 for b in last))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    after = path.stat()
+    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (st.st_size, st.st_mtime_ns, st.st_ino)
+    assert Checkpoint.open(folder).identity() != before
