@@ -59,11 +59,11 @@ import json
 import logging
 import operator
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
 
+from .output import new_file
 from .result import COLUMNS, AnalysisResult
 
 log = logging.getLogger(__name__)
@@ -368,7 +368,7 @@ class Cache:
             self._sweep_tmp()
             payload = result.to_json_dict()
             entry = {"key": key, "checksum": _checksum(payload), "result": payload}
-            fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-", suffix=".json")
+            fd, tmp = new_file(self.directory, ".tmp-", ".json")  # the mode a new file gets, not 0600
             with os.fdopen(fd, "w") as f:
                 json.dump(entry, f)
                 f.flush()

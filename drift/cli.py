@@ -85,8 +85,9 @@ def _format_table(result) -> str:
         f"{meta['pairs']} pairs, method={meta['method']}"
         + (" (APPROXIMATE: not a symmetry of the model)" if meta.get("approximate") else "") + " ===",
         "  residual: unit-normalised Frobenius distance after alignment (0 = identical up to gauge)",
-        ("  null: same method vs a residual-rotated copy of layer_b; rho = residual / null (1 = unrelated)"
-         if has_null else "  null, rho: not computed (--n-null 0)"),
+        ("  null: same method vs layer_b with its residual stream rotated (a gain: its entries shuffled); "
+         "rho = residual / null (1 = unrelated)" if has_null else "  null, rho: not computed (--n-null 0)"),
+        "  over each family's pairs: residual mean, min, max, std (population); mean null; mean of the pairs' rho",
         "  * = not gauge-invariant (raw gain vector or approximate alignment)",
         "",
         f"  {'family':>14}  {'mean':>8}  {'min':>8}  {'max':>8}  {'std':>8}  {'null':>8}  {'rho':>6}  n",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 
 from .errors import DriftError
@@ -49,8 +49,12 @@ def check_output(path: str | Path, model_folder: Path | None = None, force: bool
     folder = p.parent
     if not folder.is_dir():
         raise OutputError(f"--out {p}: folder {folder} does not exist")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise OutputError(f"--out {p}: folder {folder} is not writable")
+    try:  # a file made and removed: os.access says yes to root on /proc, where none can be made
+        fd, probe = new_file(folder, f".{p.name}.", ".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OutputError(f"--out {p}: folder {folder} is not writable ({e.strerror or e})") from None
     if p.is_dir():
         raise OutputError(f"--out {p} is a folder; give a file name")
     if p.exists() and not force and not is_drift_result(p):
@@ -68,17 +72,34 @@ def free_name(path: Path) -> Path:
     return cand
 
 
+def new_file(folder: Path, prefix: str, suffix: str) -> tuple[int, Path]:
+    """A new file ``folder/<prefix><random><suffix>``, open for writing: ``(fd, its path)``.
+
+    Created with mode 0666 for the kernel to apply the umask (and a default ACL) to, as it
+    does for ``open()``: no umask is read, so no thread sees it changed, and the result gets
+    the mode any new file gets (``tempfile.mkstemp`` would make it 0600)."""
+    while True:
+        tmp = Path(folder) / f"{prefix}{secrets.token_hex(8)}{suffix}"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:  # 64 random bits taken: draw again
+            pass
+
+
 def write_atomic(path: Path, text: str) -> Path:
     """Write ``text`` to ``path`` through a temporary file in the same folder and a rename:
     a reader sees the old file or the new one, never half of one; a failure leaves neither
-    a partial file nor the temporary one."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    a partial file nor the temporary one, and is an OutputError naming ``path``."""
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+        fd, tmp = new_file(path.parent, f".{path.name}.", ".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+    except OSError as e:
+        raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
     return path

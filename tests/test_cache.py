@@ -355,3 +355,13 @@ def test_an_open_readers_dtype_is_in_the_key(cache, ckpt):
     keys = [cache.key(m, dtype="float64") for m in (r32, r64, str(ckpt))]
     assert keys[0] != keys[1] and keys[0] != keys[2]
     assert cache.key(r32, dtype="float64") == keys[0]
+
+
+def test_entries_get_the_mode_of_a_new_file(cache, ckpt):
+    """Not mkstemp's 0600: a cache folder shared by a team ($DRIFT_CACHE_DIR) is readable by it."""
+    old = os.umask(0o022)
+    try:
+        cache.get_or_compute(ckpt)
+    finally:
+        os.umask(old)
+    assert [p.stat().st_mode & 0o777 for p in cache.entries()] == [0o644]

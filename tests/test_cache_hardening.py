@@ -151,17 +151,17 @@ def test_a_file_in_place_of_the_cache_folder(tmp_path, fake, ckpt, caplog):
 
 
 @pytest.mark.parametrize("target, exc", [
-    ("tempfile.mkstemp", EACCES),  # a read-only folder: no new file
+    ("new_file", EACCES),  # a read-only folder: no new file
     ("os.replace", EACCES),  # the rename is refused
     ("os.fsync", ENOSPC),  # the disk is full
-], ids=["mkstemp-eacces", "replace-eacces", "fsync-enospc"])
+], ids=["new-file-eacces", "replace-eacces", "fsync-enospc"])
 def test_failed_write_is_a_warning_and_leaves_nothing(cache, fake, ckpt, other, target, exc,
                                                      monkeypatch, caplog):
     def fail(*a, **k):
         raise exc
 
-    module, name = target.split(".")
-    monkeypatch.setattr(getattr(dcache, module), name, fail)
+    *module, name = target.split(".")
+    monkeypatch.setattr(getattr(dcache, module[0]) if module else dcache, name, fail)
     with caplog.at_level(logging.WARNING):
         result, hit = cache.get_or_compute(ckpt)
     monkeypatch.undo()

@@ -98,6 +98,39 @@ def test_no_null_run_ranks_by_residual_and_writes_null_as_json_null(tmp_path):
     assert all(v is not None and v >= 0 for vals in d["family_residuals"].values() for v in vals)
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o002], ids=["022", "002"])
+def test_result_file_gets_the_mode_of_a_new_file(umask, toy_checkpoint, tmp_path):
+    folder, _ = toy_checkpoint("llama")
+    out = tmp_path / "r.json"
+    old = os.umask(umask)
+    try:
+        assert main(["analyze", "--model", str(folder), "--out", str(out), "--quiet"]) == 0
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def _synthetic_table() -> str:
+    from _synthetic import make_result
+
+    from drift.cli import _format_table
+
+    r = make_result(layers=range(3))  # input_ln, post_attn_ln among its families
+    r.meta["architecture"] = "bert"
+    return _format_table(r)
+
+
+def test_table_says_a_gain_null_shuffles_entries():
+    assert "null: same method vs layer_b with its residual stream rotated (a gain: its entries shuffled)" \
+        in _synthetic_table()
+
+
+def test_table_says_rho_and_std_are_over_pairs():
+    """rho is the mean of the pairs' ratios, not mean residual / mean null; std the pairs' population std."""
+    assert "over each family's pairs: residual mean, min, max, std (population); mean null; mean of the pairs' rho" \
+        in _synthetic_table()
+
+
 def test_only_large_layers_switch_the_allocator():
     """Analyses (API and CLI alike) map large buffers for layers of Qwen3-4B's size, not for small ones."""
     from drift.canonical import LayerSymmetry

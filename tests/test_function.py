@@ -236,6 +236,44 @@ def test_cli_bad_input_is_one_line(argv, message, tmp_path, capsys):
     assert err.startswith("drift: ") and message in err and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("command", ["function", "tie"])
+def test_cli_reversed_layers_are_refused(command, tmp_path, capsys):
+    from drift.cli import main
+
+    assert main([command, "--model", "minilm", "--layers", "4:2", "--out", str(tmp_path / "x.json")]) == 2
+    err = capsys.readouterr().err
+    assert err == "drift: --layers 4:2: the last layer 2 is before the first 4\n"
+
+
+@pytest.mark.parametrize("command", ["function", "tie"])
+def test_cli_unsupported_architecture_is_named(command, tmp_path, capsys):
+    from drift.cli import main
+
+    folder = tmp_path / "t5"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"architectures": ["T5Model"], "model_type": "t5", "num_layers": 6}))
+    (folder / "model.safetensors").write_bytes(b"")
+    assert main([command, "--model", str(folder), "--out", str(tmp_path / "x.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("drift: unsupported architecture 'T5Model' (model_type 't5')") and err.count("\n") == 1
+
+
+def test_cli_weights_of_another_shape_than_the_config_are_one_line(checkpoint_copy, tmp_path):
+    """transformers' multi-line load report is not shown (run as a user does: its default verbosity)."""
+    import os
+    import subprocess
+    import sys
+
+    folder = checkpoint_copy("llama", intermediate_size=256)  # the weights have 128
+    env = {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_VERBOSITY"}
+    proc = subprocess.run([sys.executable, "-m", "drift", "function", "--model", str(folder), "--tokens", "random",
+                           "--n-seq", "2", "--seq-len", "8", "--out", str(tmp_path / "x.json"), "--quiet"],
+                          capture_output=True, text=True, env={**env, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr == (f"drift: {folder}: layers.0.mlp.down_proj.weight has shape (64, 128), expected "
+                           f"(64, 256) from config.json (and 8 more)\n")
+
+
 def test_cli_no_tokenizer_is_one_line(toy_checkpoint, tmp_path, capsys):
     from drift.cli import main
 
@@ -299,6 +337,15 @@ def test_text_without_tokens_is_refused(tmp_path):
     f.write_text("\u200b\u200b")  # zero-width spaces: BERT's tokenizer drops them
     with pytest.raises(DriftError, match="the text gives 0 tokens"):
         activation_similarity("minilm", text=f, progress=False)
+
+
+def test_a_short_text_warns_of_the_sequences_it_gives(tmp_path, caplog):
+    f = tmp_path / "short.txt"
+    f.write_text("hi")
+    with caplog.at_level("WARNING", logger="drift.function.run"):
+        r = activation_similarity("minilm", layers=[0, 1], text=f, n_seq=2, progress=False)
+    assert r.meta["n_tokens"] == 3  # [CLS] hi [SEP]
+    assert caplog.messages == ["the text gives 1 sequence of 3 tokens, not the 2 asked for"]
 
 
 def test_progress_callback_counts_batches(toy_checkpoint):

@@ -239,3 +239,11 @@ def test_relative_change_of_the_outputs_on_a_planted_block(name, planted):
     assert min(change["raw", f] for f in fams) > 0.05, change
     mean = {m: sum(change[m, f] for f in fams) / len(fams) for m in ("exact", "rotation", "raw")}
     assert mean["exact"] < mean["rotation"] < mean["raw"], mean
+
+
+def test_table_names_the_damage_once(planted):
+    from drift.function.cli import format_tie_table
+
+    folder, _, _ = planted("bert")
+    text = format_tie_table(tie(folder, family="q_proj", layers=[1, 2], **FAST))
+    assert "\n  damage: relative change of the final hidden states" in text and "damage: damage" not in text

@@ -67,6 +67,8 @@ def parse_layers(spec: str | None, n_layers: int) -> range | None:
         first = last = None
     if not sep or first is None:
         raise DriftError(f"--layers must be FIRST:LAST (both inclusive, e.g. 0:{n_layers - 1}), not {spec!r}")
+    if last < first:
+        raise DriftError(f"--layers {spec}: the last layer {last} is before the first {first}")
     return range(first, last + 1)
 
 
@@ -92,13 +94,16 @@ def format_table(result) -> str:
 
 
 def command(args: argparse.Namespace) -> int:
+    from ..archs import find_arch
     from ..canonical import n_layers_of
     from ..checkpoint import read_config, resolve_model
     from ..output import check_output, free_name
     from .run import activation_similarity
 
     folder = resolve_model(args.model)
-    layers = parse_layers(args.layers, n_layers_of(read_config(folder)))
+    config = read_config(folder)
+    find_arch(config)  # an unsupported architecture is named before its layer count is looked for
+    layers = parse_layers(args.layers, n_layers_of(config))
     if args.out:
         out = check_output(args.out, folder, args.force)
     else:
@@ -143,7 +148,7 @@ def format_tie_table(result) -> str:
     lines = [f"=== drift tie: {meta['model']} ({meta['architecture']}), layers {meta['layers'][0]}.."
              f"{meta['layers'][-1]}, method={meta['method']}, reference={meta['reference']}, "
              f"{meta['n_seq']} sequences x {meta['seq_len']} tokens ===",
-             f"  damage: {meta['residual']}", f"  null:   {meta['null']}", "",
+             f"  {meta['residual']}", f"  null:   {meta['null']}", "",  # the first begins "damage: "
              f"  {'family':<11} {'ref':>3} {'layer':>5}  {'damage':>10}  {'null':>10}  {'rho':>7}  {second:>13}"]
     for r in result.df.itertuples(index=False):
         lines.append(f"  {r.family:<11} {r.layer_a:>3} {r.layer_b:>5}  {r.residual:>10.3g}  {r.null:>10.3g}  "
@@ -156,12 +161,15 @@ def format_tie_table(result) -> str:
 
 
 def tie_command(args: argparse.Namespace) -> int:
+    from ..archs import find_arch
     from ..canonical import n_layers_of
     from ..checkpoint import read_config, resolve_model
     from ..output import check_output, free_name
 
     folder = resolve_model(args.model)
-    layers = parse_layers(args.layers, n_layers_of(read_config(folder)))
+    config = read_config(folder)
+    find_arch(config)  # an unsupported architecture is named before its layer count is looked for
+    layers = parse_layers(args.layers, n_layers_of(config))
     reference = args.reference
     if reference != "previous":
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -37,22 +38,32 @@ class _Stop(Exception):
 def _load_model(folder: Path, model: str, dtype: torch.dtype, dev: torch.device, quiet: bool,
                 causal: bool = False):
     """The checkpoint as a ``transformers`` model (``AutoModelForCausalLM`` when ``causal``:
-    its logits; else ``AutoModel``), local files only, refused if any weight is missing."""
+    its logits; else ``AutoModel``), local files only, refused if any weight is missing or
+    has another shape than config.json gives it."""
     transformers = require_transformers()
     cls = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
-    bars = transformers.utils.logging
-    shown = bars.is_progress_bar_enabled()
+    tlog = transformers.utils.logging
+    shown, verbosity = tlog.is_progress_bar_enabled(), tlog.get_verbosity()
     if quiet:
-        bars.disable_progress_bar()  # transformers' own "Loading weights" bar
+        tlog.disable_progress_bar()  # transformers' own "Loading weights" bar
+    tlog.set_verbosity_error()  # no multi-line load report: what matters in it is refused below, in one line
     try:
-        net, info = cls.from_pretrained(
-            folder, local_files_only=True, trust_remote_code=False, dtype=dtype, output_loading_info=True)
+        # ignore_mismatched_sizes: a weight of another shape than config.json's is listed, not raised after the report
+        net, info = cls.from_pretrained(folder, local_files_only=True, trust_remote_code=False, dtype=dtype,
+                                        output_loading_info=True, ignore_mismatched_sizes=True)
     except Exception as e:  # noqa: BLE001 - any failure of a third-party loader is the checkpoint's
         where = "" if Path(model) == folder else f" (from {folder})"
         raise CheckpointError(f"{model}{where}: transformers cannot load it ({first_line(e)})") from None
     finally:
+        tlog.set_verbosity(verbosity)
         if shown:
-            bars.enable_progress_bar()
+            tlog.enable_progress_bar()
+    mismatched = sorted(info["mismatched_keys"])  # (name, checkpoint shape, shape from config.json)
+    if mismatched:
+        name, got, want = mismatched[0]
+        more = f" (and {len(mismatched) - 1} more)" if len(mismatched) > 1 else ""
+        raise CheckpointError(f"{model}: {name} has shape {tuple(got)}, expected {tuple(want)} from "
+                              f"config.json{more}")
     # Never run with weights transformers had to invent. BERT's pooler (absent from
     # BertForMaskedLM checkpoints) runs after every layer, so no hidden state read here uses it.
     missing = sorted(k for k in info["missing_keys"] if not k.startswith("pooler."))
@@ -207,7 +218,9 @@ def activation_similarity(model: str | Path, layers: Iterable[int] | None = None
     if seq_len > n_pos:
         raise DriftError(f"seq_len {seq_len} exceeds the model's {n_pos} positions")
     if len(seqs) < n_seq:
-        log.warning("the text gives %d sequences of %d tokens, not the %d asked for", len(seqs), seq_len, n_seq)
+        sizes = sorted(Counter(map(len, seqs)).items(), reverse=True)  # (length, count): full windows, the tail
+        got = " and ".join(f"{n} sequence{'s' * (n != 1)} of {L} tokens" for L, n in sizes)
+        log.warning("the text gives %s, not the %d asked for", got, n_seq)
 
     net = _load_model(folder, str(model), tdtype, dev, quiet=not progress)
     bar = _progress_bar(progress, -(-len(seqs) // batch_size), "drift function", "batch")
