@@ -261,6 +261,7 @@ def compare_pairs(readers: Sequence[LayerReader], m: methods.Method, keys: Seque
         a, b = sub[task.pair]
         fa, fb = store.get(a), store.get(b)
         if task.draw:
+            tally.no_null.setdefault(task.pair, fa.constant_gains() | fb.constant_gains())
             fb = m.null_partner(fb, draws.rotation(task.draw - 1), tally.shuffle(task.pair, draws))
         return m.compare(fa, fb)
 
@@ -284,6 +285,7 @@ class _Tally:
         self.left = {i: 1 + n_null for i in range(len(ids))}  # comparisons not yet finished, per pair
         self.shuffles: dict[int, torch.Generator] = {}  # pair -> its gain-shuffle generator, while in use
         self.certs: list[dict] = []
+        self.no_null: dict[int, set[str]] = {}  # pair -> gain families whose null is NaN (constant gains)
 
     def shuffle(self, i: int, draws: NullDraws) -> torch.Generator:
         return self.shuffles.setdefault(i, draws.gains_generator(self.ids[i]))
@@ -301,11 +303,12 @@ class _Tally:
         else:
             acc = self.null_sum.setdefault(k, {})
             for f, v in values.items():
-                acc[f] = acc.get(f, 0.0) + v / self.n_null
+                acc[f] = float("nan") if f in self.no_null.get(i, ()) else acc.get(f, 0.0) + v / self.n_null
         self.left[i] -= 1
         if self.left[i] == 0:
             self.bar.update(1)
             self.shuffles.pop(i, None)
+            self.no_null.pop(i, None)
         memory.release_memory()
 
 
@@ -389,8 +392,9 @@ def _result(name: str, reader: LayerReader, m: methods.Method, plist, obs, null_
                     rotary_dims=s.rotary_dims, qk_norm=s.qk_norm, mlp=s.mlp_kind, norm=s.norm_kind),
         residual="Frobenius distance after alignment, each family unit-normalised per layer",
         null=("same method against layer_b with its residual stream randomly rotated "
-              "(gain vectors: entries shuffled); mean over n_null draws"
-              if n_null else "not computed (n_null=0): null and rho are NaN"),
+              "(gain vectors: entries shuffled; NaN for a gain whose entries are all equal, which "
+              "no shuffle moves); mean over n_null draws"
+              if n_null else "not computed (n_null=0): null and rho are NaN (null in JSON)"),
         rho="residual / null (0: identical up to the removed gauge; 1: as different as unrelated)",
     )
     return AnalysisResult(df, meta)

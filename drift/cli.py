@@ -55,9 +55,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="JSON output path (default: drift_<model>_<method>.json here, never over an "
                         "earlier file: -2, -3, ... are appended). Refused inside the model folder.")
     a.add_argument("--force", action="store_true", help="replace --out even if it is not a drift result")
-    a.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    a.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto: a GPU when present)")
     a.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    a.add_argument("--seed", type=int, default=0, help="seed of the null's random rotations")
+    a.add_argument("--seed", type=int, default=0, help="seed of the null's random rotations (default 0)")
     a.add_argument("--n-null", type=int, default=1,
                    help="null draws per pair (averaged); 0: no null and no rho, the reference's work "
                         "at about half the cost")
@@ -79,12 +79,14 @@ def _format_table(result) -> str:
     s = s.sort_values(key)
     meta = result.meta
     layers = meta["layers"]
+    raw = meta["method"] == "raw"
     other = f" vs {meta['other']['model']}" if meta.get("other") else ""
     lines = [
         f"=== drift: {meta['model']}{other} ({meta['architecture']}), layers {layers[0]}..{layers[-1]}, "
         f"{meta['pairs']} pairs, method={meta['method']}"
-        + (" (APPROXIMATE: not a symmetry of the model)" if meta.get("approximate") else "") + " ===",
-        "  residual: unit-normalised Frobenius distance after alignment (0 = identical up to gauge)",
+        + ("" if raw or not meta.get("approximate") else " (APPROXIMATE: not a symmetry of the model)") + " ===",
+        ("  residual: unit-normalised Frobenius distance of the weights as stored (no alignment)" if raw else
+         "  residual: unit-normalised Frobenius distance after alignment (0 = identical up to gauge)"),
         ("  null: same method vs layer_b with its residual stream rotated (a gain: its entries shuffled); "
          "rho = residual / null (1 = unrelated)" if has_null else "  null, rho: not computed (--n-null 0)"),
         "  over each family's pairs: residual mean, min, max, std (population); mean null; mean of the pairs' rho",

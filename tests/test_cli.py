@@ -62,6 +62,12 @@ def test_rotation_method_is_labelled_approximate(tmp_path):
     assert len(d["family_residuals"]["q_proj"]) == 1
 
 
+def test_raw_method_is_labelled_unaligned(tmp_path):
+    stdout, d = analyze_ok(tmp_path, "--block-start", "2", "--block-end", "3", "--method", "raw", "--n-null", "0")
+    assert "weights as stored (no alignment)" in stdout
+    assert "APPROXIMATE" not in stdout and "after alignment" not in stdout
+
+
 @pytest.mark.parametrize("args,message", [
     (["--model", "/nonexistent/ckpt"], "no such directory"),
     (["--model", "minilm", "--block-end", "9"], "out of range"),

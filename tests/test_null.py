@@ -48,3 +48,30 @@ def test_bad_seeds_are_refused_by_name(bad):
 
 def test_integer_like_seeds_are_accepted():
     assert check_seed(np.int64(5)) == 5 and check_seed(0) == 0 and check_seed(2 ** 53 - 1) == 2 ** 53 - 1
+
+
+@pytest.mark.parametrize("method", ["exact", "rotation"])
+def test_a_constant_gain_has_no_null(toy_checkpoint, tmp_path, method):
+    """Layer 1's input norm set to ones (an initialisation): no shuffle moves it and its
+    distance to any gain survives permuting either, so the shuffled null would equal the
+    residual (rho 1 by construction). Its pairs' null and rho are NaN; the others are
+    finite, as in the untouched model (whose gains are not constant)."""
+    import math
+
+    import drift
+    from drift import toy
+
+    folder, model = toy_checkpoint("llama")  # 3 layers
+    with torch.no_grad():
+        model.model.layers[1].input_layernorm.weight.fill_(1.0)
+    edited = tmp_path / "edited"
+    toy.save(model, edited)
+    kw = dict(method=method, pairs="all", progress=False)
+    got = drift.analyze(str(edited), **kw).df.set_index(["family", "layer_a", "layer_b"])
+    base = drift.analyze(str(folder), **kw).df.set_index(["family", "layer_a", "layer_b"])
+    for (fam, a, b), row in got.iterrows():
+        if fam == "input_ln" and 1 in (a, b):
+            assert math.isnan(row["null"]) and math.isnan(row["rho"]) and row["residual"] > 0
+        else:
+            assert row["null"] > 0 and not math.isnan(row["rho"])
+    assert base["null"].notna().all() and (base["null"] > 0).all()

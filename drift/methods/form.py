@@ -75,6 +75,12 @@ class Form:
         return replace(self, Q=rd(self.Q), K=rd(self.K), V=rd(self.V), G=rd(self.G), U=rd(self.U),
                        O=R @ self.O, D=R @ self.D)
 
+    def constant_gains(self) -> set[str]:
+        """The gains whose entries are all equal (an initialisation's ones). They have no
+        shuffle null: a shuffle leaves them as they are, and a distance to a constant vector
+        survives any permutation of either vector, so the null would repeat the residual."""
+        return {name for name, g in self.gains.items() if bool((g == g.reshape(-1)[0]).all())}
+
     def shuffle_gains(self, gen: torch.Generator) -> "Form":
         """Permutation null for gain vectors (whose entries sit near 1, gauge-spec §5 (ii))."""
         gains = {}
