@@ -69,6 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--quiet", action="store_true", help="no progress bar, no table")
     function_cli.add_parser(sub)
     function_cli.add_tie_parser(sub)
+    p.commands = sub.choices  # command name -> its parser
     return p
 
 
@@ -170,7 +171,10 @@ def _on_signal(signum, frame):
 def main(argv: list[str] | None = None) -> int:
     import signal
 
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # said by the command's parser, so that the line points to its --help
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.WARNING, format="drift: %(message)s")
     previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
     try:

@@ -426,3 +426,9 @@ def test_workers_exit_when_drift_is_killed_and_its_files_are_cleaned_next_time(s
             os.environ["TMPDIR"] = monkey
         tempfile.tempdir = None
     assert str(stale) in gone and not list(tmp.glob("drift-lap-*"))
+
+
+@pytest.mark.parametrize("command", ["analyze", "function", "tie"])
+def test_an_unknown_flag_points_to_its_commands_help(command, capsys):
+    rc, err = run_cli([command, "--bogus"], capsys)
+    assert_one_line(rc, err, "unrecognized arguments: --bogus", f"(see drift {command} --help)")
