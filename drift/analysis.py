@@ -341,6 +341,8 @@ def _dtype(dtype: str | torch.dtype) -> torch.dtype:
 def _layers(layers: Iterable[int] | None, n_layers: int, minimum: int = 2) -> list[int]:
     if layers is None:
         return list(range(n_layers))
+    if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
+        raise DriftError(f"layers must be an iterable of layer numbers, not {layers!r}")
     out = []
     for L in list(layers):
         if isinstance(L, bool) or not hasattr(L, "__index__"):
@@ -349,6 +351,8 @@ def _layers(layers: Iterable[int] | None, n_layers: int, minimum: int = 2) -> li
         if not 0 <= L < n_layers:
             raise LayerIndexError(f"layer {L} is out of range: the model has {n_layers} layers "
                                   f"(0..{n_layers - 1})")
+        if L in out:  # a layer twice would compare it with itself (a residual of 0) or repeat pairs
+            raise DriftError(f"layers must be distinct: layer {L} appears twice")
         out.append(L)
     if len(out) < minimum:
         raise DriftError(f"need at least {'two layers' if minimum == 2 else 'one layer'} to compare, got {out}")

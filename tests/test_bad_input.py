@@ -432,3 +432,25 @@ def test_workers_exit_when_drift_is_killed_and_its_files_are_cleaned_next_time(s
 def test_an_unknown_flag_points_to_its_commands_help(command, capsys):
     rc, err = run_cli([command, "--bogus"], capsys)
     assert_one_line(rc, err, "unrecognized arguments: --bogus", f"(see drift {command} --help)")
+
+
+@pytest.mark.parametrize("layers, words", [([1, 1, 2], ("distinct", "layer 1 appears twice")),
+                                           ([0, 1, 2, 1], ("distinct", "layer 1 appears twice")),
+                                           (3, ("iterable", "not 3")),
+                                           ("012", ("iterable",))])
+def test_repeated_or_scalar_layers_are_refused(layers, words, model):
+    # [1, 1, 2] compared layer 1 with itself (a residual of 0, no warning); with pairs="all"
+    # [0, 1, 2, 1] gave duplicate rows that to_json then failed on, after the work
+    import drift
+    from drift.errors import DriftError
+
+    with pytest.raises(DriftError) as e:
+        drift.analyze(str(model), layers=layers, n_null=0, progress=False, pairs="all")
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_a_family_given_twice_is_refused_before_the_tie(capsys):
+    # it used to crash in to_json_dict after the whole computation, losing the result
+    rc, err = run_cli(["tie", "--model", "minilm", "--quiet", "--family", "mlp,mlp", "--layers", "0:1"], capsys)
+    assert_one_line(rc, err, "family 'mlp' is given twice")

@@ -76,7 +76,9 @@ def families_of(sym, family: str | Iterable[str] = "all") -> list[str]:
     if family == "all":
         return have
     asked = [family] if isinstance(family, str) else list(family)
-    for f in asked:
+    for i, f in enumerate(asked):
+        if f in asked[:i]:
+            raise DriftError(f"family {f!r} is given twice")
         if f not in have:
             why = "has no GLU gate" if f == "gate_proj" else f"ties {', '.join(have)}"
             raise DriftError(f"family {f!r} cannot be tied here: {sym.arch} {why}")
