@@ -112,3 +112,43 @@ def test_pipelined_and_sequential_analyses_are_identical(tmp_path, monkeypatch):
     seq = drift.analyze(folder, pairs="all", n_null=2, progress=False)
     assert n_sent == 6 * 3 and len(sent) == n_sent  # 6 pairs × (1 + 2 draws) went to the workers
     pd.testing.assert_frame_equal(piped.df, seq.df, check_exact=True)
+
+
+def test_device_threads_give_the_numbers_of_one_thread(monkeypatch):
+    """The GPU's executor, run on the CPU: certified assignments in two worker threads, several
+    comparisons in flight, against everything in this thread. The same assignments and
+    certificates, so the same numbers to the last bit (one torch thread: a GEMM's bits may
+    depend on how many it is split over)."""
+    monkeypatch.setattr(assign, "CERTIFIED_MIN_SIZE", 64)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    solved = []
+    original = assign.solve
+    monkeypatch.setattr(schedule, "solve", lambda *a, **k: (solved.append(1), original(*a, **k))[1])
+    try:
+        monkeypatch.setattr(schedule, "executor_for", lambda *a: schedule.DeviceThreads(2))
+        piped = drift.analyze("tiny-qwen3", pairs="all", layers=[0, 1, 2, 3], n_null=2, progress=False)
+        n_threaded = len(solved)
+        monkeypatch.setattr(schedule, "executor_for", lambda *a: schedule.InProcess())
+        seq = drift.analyze("tiny-qwen3", pairs="all", layers=[0, 1, 2, 3], n_null=2, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert n_threaded == 6 * 3 and len(solved) == 2 * n_threaded  # every MLP assignment, each way
+    assert piped.meta["assignment"] == seq.meta["assignment"]
+    assert piped.meta["assignment"]["assignments"] - piped.meta["assignment"]["dense_fallbacks"] >= 10
+    pd.testing.assert_frame_equal(piped.df, seq.df, check_exact=True)
+
+
+@pytest.mark.parametrize("device, d_ff, want", [
+    ("cuda", 9728, "DeviceThreads"), ("cpu", 9728, "InProcess"), ("cpu", 1536, "LocalProcesses"),
+    ("cuda", 512, "InProcess")])
+def test_the_executor_suits_the_device(monkeypatch, device, d_ff, want):
+    """A GPU's certified assignments go to threads (its similarity stays on it); on the CPU the
+    certified path solves in this thread; mid-sized dense assignments go to worker processes."""
+    import os
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    ex = schedule.executor_for(True, d_ff, 70, torch.device(device))
+    assert type(ex).__name__ == want
+    if want == "DeviceThreads":
+        assert ex.width == min(16, schedule.DEVICE_THREADS)
