@@ -4,7 +4,7 @@
 #   1. CPU vs device agreement of `drift analyze` on a 0.6B-shaped 3-layer checkpoint;
 #   2. all 35 consecutive pairs of a 36-layer Qwen3-4B-shaped checkpoint (exact, default null);
 #   3. a profile of the driving thread over 7 consecutive pairs (cProfile: where the driving
-#      thread waits on the assignments' threads);
+#      thread waits on the assignments' threads; SKIP_PROFILE=1 skips it);
 #   4. all pairs with the null: every layer (630 pairs) when the consecutive run's time per
 #      comparison says it fits in what is left of BUDGET_S, else the most layers that fit.
 # Writes timings (measure_child.py JSON lines) and results under ${OUT:-/tmp/drift-gpu}.
@@ -67,7 +67,8 @@ log "build $SHAPE x$NL"; CK=$($PY benchmarks/synth.py --shape "$SHAPE" --layers 
 log "consecutive 0..$((NL - 1)) ($((NL - 1)) pairs)"
 measure cons --model "$CK" --device "$DEV" --block-start 0 --block-end $((NL - 1))
 summary cons
-P=$(( NL < 8 ? NL - 1 : 7 ))
+P=$(( NL < 8 ? NL - 1 : 7 )); [[ -n "${SKIP_PROFILE:-}" ]] && P=0
+(( P > 0 )) && {
 log "profile: consecutive 0..$P"
 $PY -m cProfile -o "$OUT/cons8.prof" -m drift analyze --quiet --model "$CK" --device "$DEV" \
   --block-start 0 --block-end $P --out "$OUT/cons8.json" > "$OUT/cons8.log" 2>&1
@@ -75,6 +76,7 @@ for key in cumulative tottime; do
   $PY -c "import pstats, sys; pstats.Stats(sys.argv[1]).sort_stats(sys.argv[2]).print_stats(18)" "$OUT/cons8.prof" $key \
     2>&1 | grep -v '^$' | tail -19 | cut -c1-140 | sed 's|/[^ ]*/drift/|drift/|' | tee -a "$OUT/timings.txt"
 done
+}
 # all pairs: 2 comparisons per pair (observed, null); the consecutive run's seconds per comparison
 per=$($PY -c "print($(wall "$OUT/cons.time") / (2 * ($NL - 1)))")
 left=$((BUDGET_S - (SECONDS - T0)))

@@ -58,6 +58,8 @@ class FormStore:
                  budget: float = float("inf")):
         self._make, self.pairs, self.budget = make, list(pairs), budget
         self.forms: dict[Hashable, object] = {}
+        self._coming: dict[Hashable, Future] = {}  # forms being made ahead (see prefetch)
+        self._spawn = None
         self._uses: dict[Hashable, set[int]] = {}  # form key -> the pairs that use it
         for k, pair in enumerate(self.pairs):
             for L in pair:
@@ -66,11 +68,29 @@ class FormStore:
         self.form_bytes = 0  # one form's size, once one is made
         self.peak = self.made = 0
 
+    def make_ahead(self, spawn: Callable[..., Future]) -> None:
+        """Have every form made by ``spawn(make, key) -> Future`` (one worker thread: a
+        checkpoint is read by one thread at a time), so that :meth:`prefetch` can make the
+        next pairs' forms while this thread drives comparisons. Only without a budget (forms
+        on a GPU), where making ahead cannot go over it."""
+        if self.budget == float("inf"):
+            self._spawn = spawn
+
+    def prefetch(self, keys: Sequence[Hashable]) -> None:
+        """Start making the forms ``keys`` not yet held or coming (with :meth:`make_ahead`)."""
+        if self._spawn is not None:
+            for L in keys:
+                if L not in self.forms and L not in self._coming:
+                    self._coming[L] = self._spawn(self._make, L)
+
     def get(self, L: Hashable):
         if L not in self.forms:
-            self.forms[L] = self._make(L)
+            self.prefetch([L])
+            fut = self._coming.pop(L, None)
+            self.forms[L] = self._make(L) if fut is None else wait(fut)
             self.made += 1
-            release_memory()
+            if fut is None:  # a GPU run's forms leave little on the host heap
+                release_memory()
             if not self.form_bytes:
                 self.form_bytes = nbytes(self.forms[L])
             self.peak = max(self.peak, len(self.forms))
@@ -174,14 +194,33 @@ class DeviceThreads:
     def __enter__(self):
         from concurrent.futures import ThreadPoolExecutor
 
-        self._pool = ThreadPoolExecutor(self.width, thread_name_prefix="drift-assign")
+        self._pool = ThreadPoolExecutor(self.width, thread_name_prefix="drift-compare")
+        self._forms = ThreadPoolExecutor(1, thread_name_prefix="drift-forms")
         return self
 
     def __exit__(self, *exc) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self._forms.shutdown(wait=True, cancel_futures=True)
 
     def submit(self, cost) -> Future:
         return self._pool.submit(solve, cost, True)
+
+    def compare(self, c) -> Future:
+        """The whole comparison in a worker thread: ``prepare()``, the assignment, ``finish``
+        (its values are the future's result). The calling thread only starts comparisons, in
+        task order (a null's gain shuffles are drawn there), so the arithmetic is that of
+        :class:`InProcess`."""
+        return self._pool.submit(_compare_now, c)
+
+    def spawn(self, fn, *args) -> Future:
+        """``fn(*args)`` in the one thread that makes forms (:meth:`FormStore.make_ahead`)."""
+        return self._forms.submit(fn, *args)
+
+
+def _compare_now(c) -> dict[str, float]:
+    cost = c.assignment
+    c.prepare()  # first, as InProcess does: the heads are let go before the assignment's similarity
+    return c.finish(None if cost is None else solve(cost, maximize=True))
 
 
 DEVICE_THREADS = 16
@@ -216,6 +255,9 @@ def run(tasks: Sequence[Task], start: Callable, executor, store: FormStore,
     of each assignment the certified sparse path solved (:mod:`drift.certified`)."""
     inflight: deque = deque()
     left = Counter(t.pair for t in tasks)
+    whole = hasattr(executor, "compare")  # it runs whole comparisons (DeviceThreads)
+    if hasattr(executor, "spawn"):
+        store.make_ahead(executor.spawn)
 
     def finished(task: Task, c, values: dict[str, float]) -> None:
         if certified is not None and getattr(c, "certificate", None) is not None:
@@ -227,15 +269,19 @@ def run(tasks: Sequence[Task], start: Callable, executor, store: FormStore,
 
     def finish_oldest() -> None:
         task, c, fut = inflight.popleft()
-        finished(task, c, c.finish(wait(fut)))
+        finished(task, c, wait(fut) if whole else c.finish(wait(fut)))
 
-    for task in tasks:
+    for i, task in enumerate(tasks):
         pair = store.pairs[task.pair]
         while inflight and store.over(pair):
             finish_oldest()
         store.make_room(pair)
+        # the forms of the pairs the next ``width`` tasks start, made ahead where the store can
+        store.prefetch([L for t in tasks[i:i + max(executor.width, 1) + 1] for L in store.pairs[t.pair]])
         c = start(task)
-        if c.assignment is None:
+        if whole:
+            inflight.append((task, c, executor.compare(c)))
+        elif c.assignment is None:
             c.prepare()
             finished(task, c, c.finish(None))
         else:

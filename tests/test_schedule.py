@@ -115,10 +115,11 @@ def test_pipelined_and_sequential_analyses_are_identical(tmp_path, monkeypatch):
 
 
 def test_device_threads_give_the_numbers_of_one_thread(monkeypatch):
-    """The GPU's executor, run on the CPU: certified assignments in two worker threads, several
-    comparisons in flight, against everything in this thread. The same assignments and
-    certificates, so the same numbers to the last bit (one torch thread: a GEMM's bits may
-    depend on how many it is split over)."""
+    """The GPU's executor, run on the CPU: whole comparisons (heads, certified assignment, MLP
+    residuals) in two worker threads, several in flight, and the forms made ahead in a thread
+    of their own, against everything in this thread. The same assignments and certificates,
+    so the same numbers to the last bit (one torch thread: a GEMM's bits may depend on how
+    many it is split over)."""
     monkeypatch.setattr(assign, "CERTIFIED_MIN_SIZE", 64)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -127,12 +128,19 @@ def test_device_threads_give_the_numbers_of_one_thread(monkeypatch):
     monkeypatch.setattr(schedule, "solve", lambda *a, **k: (solved.append(1), original(*a, **k))[1])
     try:
         monkeypatch.setattr(schedule, "executor_for", lambda *a: schedule.DeviceThreads(2))
-        piped = drift.analyze("tiny-qwen3", pairs="all", layers=[0, 1, 2, 3], n_null=2, progress=False)
+        made = []
+        original_make_ahead = schedule.FormStore.make_ahead
+        monkeypatch.setattr(schedule.FormStore, "make_ahead",
+                            lambda self, spawn: original_make_ahead(self, lambda *a: (made.append(1), spawn(*a))[1]))
+        # no form budget, as on a GPU: the forms are made ahead in the executor's forms thread
+        piped = drift.analyze("tiny-qwen3", pairs="all", layers=[0, 1, 2, 3], n_null=2, progress=False,
+                              form_budget=float("inf"))
         n_threaded = len(solved)
         monkeypatch.setattr(schedule, "executor_for", lambda *a: schedule.InProcess())
         seq = drift.analyze("tiny-qwen3", pairs="all", layers=[0, 1, 2, 3], n_null=2, progress=False)
     finally:
         torch.set_num_threads(threads)
+    assert len(made) == 4  # each layer's form made once, ahead, in the forms thread
     assert n_threaded == 6 * 3 and len(solved) == 2 * n_threaded  # every MLP assignment, each way
     assert piped.meta["assignment"] == seq.meta["assignment"]
     assert piped.meta["assignment"]["assignments"] - piped.meta["assignment"]["dense_fallbacks"] >= 10
