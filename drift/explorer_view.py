@@ -38,7 +38,8 @@ def render(result: AnalysisResult, families: Sequence[str] | None = None,
     cross-model result, ``diagonal_along`` (layer L of both models), each as ρ above residual
     vs null; and ``heatmaps`` (a grid of the families, showing ``value``). A result without a
     null (activations, ``n_null=0``) has no ρ: its ranking and depth figure show the residual
-    column alone, and ``value`` must be ``"residual"``."""
+    column alone, and ``value`` must be ``"residual"``. Activation measures (a distance and a
+    similarity) are drawn along the depth one per panel, each on its own axis and label."""
     from matplotlib.figure import Figure
 
     fams = list(families) if families else result.families
@@ -52,12 +53,15 @@ def render(result: AnalysisResult, families: Sequence[str] | None = None,
     # profile of either model: its profile is the diagonal.
     name, along, rows = (("diagonal_along", plots.diagonal_along, result.diagonal()) if result.cross_model
                          else ("drift_along", plots.drift_along, result.consecutive()))
+    # (value, families) of each panel: a distance and a similarity never share one y axis.
+    panels = ([("residual", [f]) for f in fams] if result.meta.get("space") == "activations"
+              else [(v, fams) for v in values])
     if not rows.df.empty:
         # One above the other: side by side, the figure is scaled down to the notebook's
         # width and the legends become unreadable.
-        fig = Figure(figsize=(9, 4.2 * len(values)), layout="constrained")
-        for ax, v in zip([fig.subplots()] if len(values) == 1 else fig.subplots(2, 1), values):
-            along(result, families=fams, ax=ax, value=v)
+        fig = Figure(figsize=(9, 4.2 * len(panels)), layout="constrained")
+        for ax, (v, shown) in zip([fig.subplots()] if len(panels) == 1 else fig.subplots(len(panels), 1), panels):
+            along(result, families=shown, ax=ax, value=v)
         out[name] = fig
     fig = Figure()
     plots.heatmap_grid(result, families=fams, value=value, fig=fig)
@@ -173,12 +177,30 @@ def status_html(message: str, tag: str, state: str) -> str:
             f'data-drift-state="{state}">{message}</span>')
 
 
+def running_line(settings: dict[str, Any]) -> str:
+    """The status while a result is got: what is computed (a setting seen before comes from
+    the cache instead, at once)."""
+    return f"Computing {setting_words(settings)} …"
+
+
 def done_line(settings: dict[str, Any], from_cache: bool | None, result_s: float | None,
-              render_s: float) -> str:
-    """The status of a finished refresh: the setting, where the result came from, the times."""
+              render_s: float, redrawn: bool = False) -> str:
+    """The status of a finished refresh: the setting, where the result came from, the times.
+
+    ``redrawn``: only the view changed (families, heatmap value), so nothing was computed or
+    read now; the line says so and names no compute time (it would be the old one's)."""
+    if redrawn:
+        source = "read from the cache" if from_cache else "already computed"
+        return f"{setting_words(settings)}: redrawn in {render_s:.2f} s from the result {source}; nothing recomputed."
     where = "from the cache" if from_cache else "computed"
     took = f" in {result_s:.2f} s" if result_s is not None else ""
     return f"{setting_words(settings)}: result {where}{took}, drawn in {render_s:.2f} s."
+
+
+def reset_bar(bar: Any, text: Any, shown: bool) -> None:
+    """``bar`` (an IntProgress) at zero, its ``text`` (a Label) empty, visible when ``shown``."""
+    bar.value, text.value = 0, ""
+    bar.layout.visibility = "visible" if shown else "hidden"
 
 
 @contextlib.contextmanager
@@ -191,8 +213,7 @@ def progress_bar(bar: Any, text: Any, shown: bool, unit: str = "pairs") -> Itera
         bar.max, bar.value = max(total, 1), done
         text.value = f"{done}/{total} {unit}"
 
-    bar.value, text.value = 0, ""
-    bar.layout.visibility = "visible" if shown else "hidden"
+    reset_bar(bar, text, shown)
     try:
         yield progress if shown else False
     finally:
@@ -256,4 +277,4 @@ def _labelled(name: str, control: Any) -> Any:
 
 __all__ = ["INTERRUPTED", "NO_METHOD", "RENDER_MEMORY", "SPACES", "FigureMemory", "available_models",
            "controls", "done_line", "error_html", "esc", "figures_html", "progress_bar", "render",
-           "setting_tag", "setting_words", "status_html"]
+           "reset_bar", "running_line", "setting_tag", "setting_words", "status_html"]

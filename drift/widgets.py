@@ -17,7 +17,9 @@ earlier one) is served from disk; the figures of the last few settings are also 
 memory, so going back to one of them redraws nothing (the drawing, that memory and the HTML
 shown are in :mod:`drift.explorer_view`). A long analysis shows a progress bar and can be
 stopped with the notebook's interrupt button, also when a control started it: the cache
-stores a result only once it is complete, so nothing half-done is left behind.
+stores a result only once it is complete, so nothing half-done is left behind. Displayed in a
+notebook before its first result, the explorer shows itself first (controls, what it computes,
+the progress bar) and computes under it.
 
 What the browser shows is kept consistent by construction: the figures are one HTML value
 (replaced whole, never appended to), the progress bar is a widget of its own, and every render
@@ -44,7 +46,8 @@ from .cache import Cache
 from .errors import DriftError
 from .explorer_view import RENDER_MEMORY, render  # noqa: F401 - importable from here, as before
 from .explorer_view import (INTERRUPTED, SPACES, FigureMemory, available_models, controls, done_line,
-                            error_html, figures_html, progress_bar, setting_tag, setting_words, status_html)
+                            error_html, figures_html, progress_bar, reset_bar, running_line, setting_tag,
+                            setting_words, status_html)
 from .interrupt import interruptible
 from .methods import METHODS as _REGISTRY
 from .result import AnalysisResult
@@ -134,6 +137,7 @@ class Explorer:
         self._requests = 0
         self._result_setting: dict[str, Any] = {}  # the ANALYSIS settings of ``result``
         self.shown_setting = ""  # the setting tag of the figures on screen
+        self._weights_value: str | None = None  # the heatmap value to restore when back in weights
 
         c = controls(available_models(), METHODS, [_REGISTRY[m].about for m in METHODS], VALUES)
         (self._model, self._path, self._other, self._block, self._space, self._method, self._pairs,
@@ -157,14 +161,26 @@ class Explorer:
     def _ipython_display_(self) -> None:
         from IPython.display import display
 
-        if self.result is None and self.auto:
-            self.refresh()
+        # The first result is got after the widget is on screen: the cell shows the controls,
+        # what is being computed and the progress bar at once, not an empty output until the
+        # figures are drawn. The widget's messages reach the browser while the cell runs.
+        first = self.result is None and self.auto
+        if first and _block_error(self.settings()) is None:
+            self._show_status(running_line(self.settings()), "running")
+            reset_bar(self._bar, self._bar_text, self.progress)
         # The widget, with a readable plain-text fallback for renderers without widget state
         # (GitHub, nbviewer, HTML exports): the widget's own fallback is a long repr.
+        view = (f"Opened on: {setting_words(self.settings(), html=False)}" if first
+                else f"Last view: {self.describe()}")
         bundle = self.widget._repr_mimebundle_()
-        bundle["text/plain"] = (f"[drift Explorer: interactive; run the notebook to use it. "
-                                f"Last view: {self.describe()}]")
-        display(bundle, raw=True)
+        bundle["text/plain"] = f"[drift Explorer: interactive; run the notebook to use it. {view}]"
+        handle = display(bundle, raw=True, display_id=True)
+        if first:
+            self.refresh()
+            if handle is not None:  # the saved notebook's fallback then names what was computed
+                bundle["text/plain"] = (f"[drift Explorer: interactive; run the notebook to use it. "
+                                        f"Last view: {self.describe()}]")
+                handle.update(bundle, raw=True)
 
     def describe(self) -> str:
         """One line: the setting of the figures shown and where their result came from, and
@@ -222,7 +238,11 @@ class Explorer:
             if pairs is not None:
                 self._pairs.value = _choice(pairs, self._pairs.options, "pairs")
             if value is not None:
-                self._value.value = _choice(value, [v for _, v in VALUES], "value")
+                value = _choice(value, [v for _, v in VALUES], "value")
+                if self._space.value == "weights":
+                    self._value.value = value
+                else:  # the toggle shows what activations draw; the choice waits for the weights
+                    self._weights_value = value
             if families is not None:
                 self._wanted_families = list(families)
                 self._sync_families()
@@ -260,10 +280,16 @@ class Explorer:
 
     def _sync_controls(self) -> None:
         """Enable what applies to the space (method, heatmap value and second model: weights
-        only) and offer the pairs of one model or of two; consecutive <-> diagonal carry over."""
+        only) and offer the pairs of one model or of two; consecutive <-> diagonal carry over.
+        The disabled heatmap-value toggle of the activations shows what their heatmaps draw
+        (the residual column: no null, so no ρ); the weights' choice comes back with them."""
         weights = self._space.value == "weights"
         for w in (self._method, self._value, self._other):
             w.disabled = not weights
+        if not weights and self._weights_value is None:
+            self._weights_value, self._value.value = self._value.value, "residual"
+        elif weights and self._weights_value is not None:
+            self._value.value, self._weights_value = self._weights_value, None
         want = _PAIRS[weights and bool(self._other.value.strip())]
         if tuple(self._pairs.options) != want:
             old = self._pairs.value
@@ -323,7 +349,7 @@ class Explorer:
         # yet) is not redrawn under the new setting's name: its figures stay as they are.
         if self.auto and self.result is not None and self._analysis() == self._result_setting:
             render_s = self._render_and_show()
-            self._show_status(self._done_line(render_s), "done", self._shown_tag())
+            self._show_status(self._done_line(render_s, redrawn=True), "done", self._shown_tag())
 
     # ------------------------------------------------------------------ work
     def refresh(self) -> AnalysisResult | None:
@@ -337,15 +363,15 @@ class Explorer:
         overtaken (a control changed meanwhile, with ``auto``) is returned but not shown.
         """
         s = self.settings()
-        lo, hi = s["block"]
-        if hi - lo < 1:
-            self._show_status("Pick a block of at least two layers.", "error")
+        if (error := _block_error(s)) is not None:
+            self._show_status(error, "error")
             return None
         self._requests += 1
         request = self._requests
         t0 = time.perf_counter()
         self.interrupted = False
-        self._show_status(f"Analysing {setting_words(s)} …", "running")
+        self._show_status(running_line(s), "running")
+        lo, hi = s["block"]
         layers = list(range(lo, hi + 1))
         if s["space"] == "activations":
             cache, unit, kwargs = self.activation_cache, "batches", dict(self.activation_kwargs)
@@ -388,8 +414,8 @@ class Explorer:
         self._show_status(self._done_line(render_s), "done", self._shown_tag())
         return result
 
-    def _done_line(self, render_s: float) -> str:
-        return done_line(self._shown(), self.from_cache, self.timing.get("result_s"), render_s)
+    def _done_line(self, render_s: float, redrawn: bool = False) -> str:
+        return done_line(self._shown(), self.from_cache, self.timing.get("result_s"), render_s, redrawn)
 
     def _shown(self) -> dict[str, Any]:
         """The setting of what is drawn: the result's analysis settings, the current view."""
@@ -427,6 +453,12 @@ class Explorer:
         """The status line, tagged with the setting it is about (default: the controls')."""
         self.status = html
         self._status.value = status_html(html, tag if tag is not None else self.setting_tag(), state)
+
+
+def _block_error(settings: dict[str, Any]) -> str | None:
+    """Why the block of ``settings`` cannot be analysed (None: it can)."""
+    lo, hi = settings["block"]
+    return "Pick a block of at least two layers." if hi - lo < 1 else None
 
 
 def _choice(v: str, allowed: Sequence[str], what: str) -> str:

@@ -1,15 +1,18 @@
 """The explorer notebook in a real browser: JupyterLab + headless system chromium.
 
-Run All on an empty cache, then every control clicked (or typed into) like a user, then an interrupt from
-JupyterLab's toolbar. After each step the figures must carry the same setting tag as the
-status line, the tag must say what the control now says, and the page must show no widget
-errors. Screenshots go to $DRIFT_SCREENSHOTS or tests/.browser-screens.
+Run All on an empty cache (the widget, its "Computing ..." status and its progress bar must be
+on screen within seconds of the explorer's cell starting, long before the figures), then every
+control clicked (or typed into) like a user, then an interrupt from JupyterLab's toolbar. After
+each step the figures must carry the same setting tag as the status line, the tag must say what
+the control now says, a view-only change must say it redrew (no compute time of its own), and
+the page must show no widget errors. Screenshots go to $DRIFT_SCREENSHOTS or tests/.browser-screens.
 
     .venv/bin/python -m pytest tests/test_browser.py -m browser
 """
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -49,10 +52,27 @@ return {
       return out.map(e => e.outerHTML.slice(0, 200));
   })(),
   progress_imgs: [...root.querySelectorAll('.drift-progress img')].length,
+  bar_visible: (() => {
+      const bar = root.querySelector('.drift-progress .widget-hprogress');
+      return !!bar && getComputedStyle(bar).visibility === 'visible';
+  })(),
+  // the bar's own (empty) description is a .widget-label too
+  bar_text: [...root.querySelectorAll('.drift-progress .widget-label')].map(e => e.innerText.trim()).join(' ').trim(),
+  value_shown: [...root.querySelectorAll('.drift-value button.mod-active')].map(b => b.innerText.trim()),
   families: fams ? [...fams.options].filter(o => o.selected).map(o => o.value || o.text) : null,
   text: document.body.innerText.slice(0, 50000),
   errors: [...document.querySelectorAll('[data-mime-type="application/vnd.jupyter.error"]')].map(e => e.innerText.slice(0, 2000)),
 };
+"""
+
+
+# Whether the code cell before the explorer's has finished (Run All queues every cell at once,
+# so this is when the explorer's cell starts).
+BEFORE_EXPLORER_DONE_JS = r"""
+const cells = [...document.querySelectorAll('.jp-Notebook .jp-CodeCell')];
+const i = cells.findIndex(c => (c.querySelector('.jp-InputArea-editor') || {}).innerText?.includes('Explorer('));
+if (i < 1) return null;
+return /\[\d+\]/.test(cells[i - 1].querySelector('.jp-InputPrompt').innerText);
 """
 
 
@@ -203,13 +223,46 @@ def test_explorer_in_jupyterlab(lab, driver):
     # Run → Run All Cells (menu items carry no command id in the DOM; matched by label).
     page.click(".lm-MenuBar-item", "Run")
     page.click('.lm-Menu .lm-Menu-itemLabel', "Run All Cells")
+    # The cache is empty: the first result is computed. The widget must be on screen, saying
+    # what it computes, with its progress bar, long before the figures come.
+    t_cell = t_widget = first = None
+    progress_seen = set()
+    t_end = time.monotonic() + 240
+    while time.monotonic() < t_end:
+        now, s = time.monotonic(), page.state()
+        if t_cell is None and driver.execute_script(BEFORE_EXPLORER_DONE_JS):
+            t_cell = now
+        if s["root"] and first is None:
+            t_widget, first = now, s
+            page.shot("run-all-first-frame")
+        if s["root"] and s["state"] == "running" and s["bar_text"]:
+            progress_seen.add(s["bar_text"])
+        if s["root"] and s["state"] in ("done", "error", "interrupted"):
+            break
+        time.sleep(0.25)
+    else:
+        page.shot("timeout-run-all")
+        pytest.fail(f"no first result within 240 s; first frame {first and {k: v for k, v in first.items() if k != 'text'}}")
+    t_done = now
+    assert t_cell is not None, "never saw the cell before the explorer's finish"
+    print(f"Run All: explorer cell started at {t_cell - t0:.1f} s, widget at {t_widget - t0:.1f} s, "
+          f"figures at {t_done - t0:.1f} s; progress seen {sorted(progress_seen)}")
+    assert first["state"] == "running" and not first["imgs"], \
+        f"the first frame of the explorer is not a running one without figures: {first['state']!r}, {len(first['imgs'])} figures"
+    assert first["status_text"].startswith("Computing minilm, layers 0–5, exact, all pairs"), first["status_text"]
+    assert first["bar_visible"], "no progress bar while the first result is computed"
+    assert t_widget - t_cell < 10, f"the widget came {t_widget - t_cell:.1f} s after its cell started"
+    counts = [tuple(map(int, m.groups())) for t in progress_seen if (m := re.fullmatch(r"(\d+)/(\d+) pairs", t))]
+    assert any(0 < done < total for done, total in counts), f"the bar never moved: {sorted(progress_seen)}"
     page.kernel_idle(240)
     s = page.wait(lambda s: s.get("state") in ("done", "error", "interrupted"), 30, "the explorer's first result")
     page.shot("run-all")
     check_consistent(s, "after Run All")
+    assert not s["bar_visible"], "the progress bar stays after the first result"
+    assert "result computed in" in s["status_text"], s["status_text"]
     print(f"Run All done in {time.monotonic() - t0:.0f} s; tag {s['status_tag']}")
 
-    def step(name: str, act, expect) -> dict:
+    def step(name: str, act, expect, view_only: bool = False) -> dict:
         before = page.state()["status_tag"]
         act()
         s = page.wait(lambda s: s.get("state") == "done" and s["status_tag"] != before
@@ -218,6 +271,9 @@ def test_explorer_in_jupyterlab(lab, driver):
         check_consistent(s, name)
         tag = parse(s["status_tag"])
         assert expect(tag), f"{name}: tag {s['status_tag']!r} does not reflect the change"
+        # A view-only change redraws the result it has: no compute time is claimed for it.
+        redrawn = "redrawn in" in s["status_text"] and not re.search(r"(computed|cache) in", s["status_text"])
+        assert redrawn == view_only, f"{name}: status {s['status_text']!r}"
         return s
 
     for m in ("rotation", "raw", "exact"):
@@ -250,8 +306,9 @@ def test_explorer_in_jupyterlab(lab, driver):
     step("block-hi-right", lambda: key_on(".drift-block .noUi-handle-upper", Keys.ARROW_RIGHT),
          lambda t: t["block"][1] == hi0)
     step("pairs-all", lambda: page.click(".drift-pairs button", "all"), lambda t: t["pairs"] == "all")
-    step("value-residual", lambda: page.click(".drift-value button", "residual"), lambda t: t["value"] == "residual")
-    step("value-rho", lambda: page.click(".drift-value button", "ρ"), lambda t: t["value"] == "rho")
+    step("value-residual", lambda: page.click(".drift-value button", "residual"), lambda t: t["value"] == "residual",
+         view_only=True)
+    step("value-rho", lambda: page.click(".drift-value button", "ρ"), lambda t: t["value"] == "rho", view_only=True)
 
     def disabled(name: str) -> bool:
         return driver.execute_script(
@@ -260,9 +317,12 @@ def test_explorer_in_jupyterlab(lab, driver):
     step("space-activations", lambda: page.click(".drift-space button", "activations"),
          lambda t: t["space"] == "activations" and t["method"] == "" and t["value"] == "residual")
     assert disabled("method") and disabled("value"), "method / value controls enabled for activations"
+    shown = page.state()["value_shown"]  # what the heatmaps draw: activations have no null, no ρ
+    assert shown == ["residual"], f"the heatmap toggle shows {shown} for activations"
     step("space-weights", lambda: page.click(".drift-space button", "weights"),
          lambda t: t["space"] == "weights" and t["method"] == "exact" and t["value"] == "rho")
     assert not disabled("method") and not disabled("value")
+    assert page.state()["value_shown"] == ["ρ"], "the weights' heatmap value did not come back"
 
     opts = driver.find_elements("css selector", ".drift-families select option")
     assert len(opts) >= 2, "too few families"
@@ -273,9 +333,10 @@ def test_explorer_in_jupyterlab(lab, driver):
     def ctrl_click(e):
         ActionChains(driver).key_down(Keys.CONTROL).click(e).key_up(Keys.CONTROL).perform()
 
-    s = step("families-deselect", lambda: ctrl_click(victim), lambda t: len(t["families"]) == len(all_fams) - 1)
+    s = step("families-deselect", lambda: ctrl_click(victim), lambda t: len(t["families"]) == len(all_fams) - 1,
+             view_only=True)
     assert parse(s["status_tag"])["families"] == [f for f in all_fams if f != all_fams[1]], s["status_tag"]
-    step("families-reselect", lambda: ctrl_click(victim), lambda t: t["families"] == all_fams)
+    step("families-reselect", lambda: ctrl_click(victim), lambda t: t["families"] == all_fams, view_only=True)
 
     # Interrupt: a block not computed yet (lower handle right: 1..hi, exact, all pairs) takes
     # well over a few seconds on the 6-layer MiniLM.

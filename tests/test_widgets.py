@@ -137,6 +137,62 @@ def test_controls_trigger_refresh_and_view_changes_do_not_reanalyse(llama, cache
     assert "residual" in cbar.get_ylabel()
 
 
+def test_displaying_shows_the_widget_before_the_first_analysis(llama, tmp_path, monkeypatch):
+    """In a notebook the first result is got after the widget is displayed, so the cell shows
+    the controls, a "Computing ..." status and the progress bar while it computes."""
+    import IPython.display
+
+    events = []
+
+    def seen(what: str) -> tuple:
+        return what, ex.setting_tag(), _status_of(ex), ex._bar.layout.visibility, ex.output.value
+
+    @functools.wraps(drift.analyze)
+    def analyze(*a, **k):
+        events.append(seen("compute"))
+        return drift.analyze(*a, **k)
+
+    bundles, updates = [], []
+
+    class Handle:
+        def update(self, obj, raw=False):
+            updates.append(dict(obj))
+
+    def display(obj, raw=False, display_id=None):
+        bundles.append(dict(obj))
+        events.append(seen("display"))
+        return Handle() if display_id else None
+
+    monkeypatch.setattr(IPython.display, "display", display)
+    ex = Explorer(model=str(llama), cache=Cache(tmp_path / "cache", analyze=analyze), families=FEW)
+    ex._ipython_display_()  # what a cell ending in ``ex`` does
+    assert [e[0] for e in events] == ["display", "compute"]
+    for what, now, (tag, state, text), bar, figures in events:  # on screen, and while it computes
+        assert (state, tag, bar, figures) == ("running", now, "visible", ""), what
+        assert text == f"Computing {ex.model}, layers 0–2, exact, consecutive pairs …", what
+    assert "[drift Explorer: interactive" in bundles[0]["text/plain"] and "not run yet" not in bundles[0]["text/plain"]
+    figs, status, state = _tags(ex)  # then the figures, of the setting the status names
+    assert state == "done" and figs == {html.escape(status)} and status == ex.setting_tag()
+    assert set(ex.figures) == {"ranking", "drift_along", "heatmaps"} and ex.from_cache is False
+    assert ex._bar.value == ex._bar.max == len(ex.result.pairs) and ex._bar.layout.visibility == "hidden"
+    # the saved notebook's plain-text fallback is brought up to date: it names what was computed
+    assert len(updates) == 1 and "Last view:" in updates[0]["text/plain"] and "computed" in updates[0]["text/plain"]
+    done = ex._status.value
+    ex._ipython_display_()  # displayed again: shown as it is, nothing recomputed
+    assert [e[0] for e in events] == ["display", "compute", "display"] and ex._status.value == done
+    assert "Last view:" in bundles[1]["text/plain"]
+
+
+def test_displaying_a_block_too_short_shows_the_error_not_a_computing_status(llama, cache, monkeypatch):
+    import IPython.display
+
+    monkeypatch.setattr(IPython.display, "display", lambda obj, raw=False, display_id=None: None)
+    ex = _explorer(llama, cache, block=(1, 1))
+    ex._ipython_display_()
+    assert _status_of(ex)[1] == "error" and "at least two layers" in ex.status
+    assert ex._bar.layout.visibility == "hidden" and ex.result is None
+
+
 def test_auto_off_waits_for_refresh(llama, cache):
     ex = _explorer(llama, cache, auto=False)
     ex._method.value = "raw"
@@ -285,6 +341,33 @@ def _tags(ex: Explorer) -> tuple[set[str], str, str]:
     figs = set(re.findall(r'<img class="drift-figure" alt="\w+" data-drift-setting="([^"]*)"', ex.output.value))
     status = re.search(r'data-drift-setting="([^"]*)" data-drift-state="(\w+)"', ex._status.value)
     return figs, html.unescape(status.group(1)), status.group(2)
+
+
+def _status_of(ex: Explorer) -> tuple[str, str, str]:
+    """(tag, state, text) of the status line, as the browser reads them."""
+    m = re.search(r'data-drift-setting="([^"]*)" data-drift-state="(\w+)">(.*)</span>', ex._status.value, re.S)
+    return html.unescape(m.group(1)), m.group(2), html.unescape(re.sub("<[^>]+>", "", m.group(3)))
+
+
+def test_a_view_change_says_it_redrew_and_names_no_compute_time(llama, cache):
+    ex = _explorer(llama, cache)
+    ex.refresh()
+    assert re.search(r"result computed in \d+\.\d\d s, drawn in", ex.status)
+    for click in (lambda: setattr(ex._value, "value", "residual"), lambda: setattr(ex._families, "value", ("k_proj",))):
+        click()
+        tag, state, text = _status_of(ex)
+        assert state == "done" and tag == ex.setting_tag() == ex.shown_setting
+        assert re.fullmatch(rf"{re.escape(str(llama))}, layers 0–2, exact, consecutive pairs: redrawn in \d+\.\d\d s "
+                            r"from the result already computed; nothing recomputed\.", text), text
+        assert "computed in" not in text
+    ex.set(method="raw").refresh()
+    ex.set(method="exact").refresh()  # served from the cache, then a view change
+    assert ex.from_cache is True
+    ex._value.value = "rho"
+    assert "redrawn in" in ex.status and "from the result read from the cache" in ex.status
+    assert "from the cache in" not in ex.status
+    ex.set(method="rotation").refresh()  # a new analysis names its time again
+    assert re.search(r"result computed in \d+\.\d\d s", ex.status) and "redrawn" not in ex.status
 
 
 def test_every_render_and_status_carries_its_setting(llama, cache):
@@ -463,6 +546,27 @@ def test_space_toggle_shows_activations_and_back(cache):
     assert ex.from_cache is True
     assert [t.rstrip(" *") for t in _heatmap_titles(ex)] == FEW  # the code's selection is back
     assert _caption(ex) == "Figures of minilm, layers 0–2, raw, consecutive pairs."
+
+
+def test_the_value_toggle_shows_what_activations_draw(cache):
+    """Activations have no null, hence no ρ: their disabled heatmap toggle shows the residual
+    (what their heatmaps draw), and the weights' choice comes back with the weights."""
+    ex = _minilm(cache, auto=False)
+    assert (ex._value.value, ex._value.label, ex._value.disabled) == ("rho", "ρ", False)
+    ex._space.value = "activations"  # a click
+    assert (ex._value.value, ex._value.label, ex._value.disabled) == ("residual", "residual", True)
+    assert ex.settings()["value"] == "residual"
+    ex._space.value = "weights"
+    assert (ex._value.value, ex._value.disabled) == ("rho", False)
+    ex.set(space="activations", value="rho")  # asked for in code: kept for the weights, not shown
+    assert ex._value.value == "residual"
+    ex.set(space="weights")
+    assert ex._value.value == "rho"
+    ex.set(value="residual").set(space="activations").set(space="weights")
+    assert ex._value.value == "residual"
+    at_start = _minilm(cache, auto=False, space="activations")
+    assert (at_start._value.value, at_start._value.disabled) == ("residual", True)
+    assert at_start.set(space="weights")._value.value == "rho"
 
 
 def test_a_revisited_activation_setting_comes_from_the_cache(cache):
