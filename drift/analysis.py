@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import itertools
 import logging
+import numbers
+import operator
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -32,6 +34,10 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.floa
 FORM_BUDGET = 1 << 30
 """Default bytes of layer forms that :func:`analyze` keeps in host memory at once (at least two)."""
 
+N_NULL_WARN = 100
+"""From this many null draws on, :func:`analyze` logs how many comparisons the run means
+(each draw costs as much as the observed comparison; it starts without a word otherwise)."""
+
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """``auto`` picks CUDA when available, else CPU."""
@@ -44,7 +50,11 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if dev is None or dev.type not in ("cpu", "cuda"):
         raise DriftError(f"device must be auto, cpu or cuda (cuda:N), not {device!r}")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DriftError("--device cuda requested but no CUDA device is available")
+        raise DriftError(f"device {str(device)!r} requested but no CUDA device is available")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        raise DriftError(f"device {str(device)!r} requested but there {'is' if n == 1 else 'are'} only {n} "
+                         f"CUDA device{'' if n == 1 else 's'} (cuda:0..cuda:{n - 1})")
     return dev
 
 
@@ -139,14 +149,17 @@ def analyze(model: str | LayerReader, layers: Iterable[int] | None = None, pairs
             ``"rotation"`` (the reference's per-head O(d_head) and O(d_ff) rotations, orientation
             corrected; approximate, not a symmetry) or ``"raw"`` (no alignment).
         seed: seed of the null's random residual rotations (results are reproducible).
-        n_null: null draws averaged per pair. ``0`` computes no null (the reference script's
-            work, about half the cost): ``null`` and ``rho`` are then NaN.
+        n_null: null draws averaged per pair (an integer, numpy's too). ``0`` computes no null
+            (the reference script's work, about half the cost): ``null`` and ``rho`` are then
+            NaN. Each draw costs as much as the observed comparison; from
+            :data:`N_NULL_WARN` draws on, a warning says how many comparisons the run means.
         dtype: ``float32`` (default) or ``float64`` for all arithmetic.
         device: ``auto`` | ``cpu`` | ``cuda``.
         progress: show a tqdm bar over pairs; or a function ``progress(done, total)`` called
             with the number of pairs finished (the explorer draws its own bar with it).
-        form_budget: bytes of layer forms to keep in host memory at once (always at least
-            two forms). Below ``n_layers`` forms, all-pairs runs make some forms more than once.
+        form_budget: bytes of layer forms to keep in host memory at once, a number > 0
+            (always at least two forms are kept). Below ``n_layers`` forms, all-pairs runs make
+            some forms more than once.
         other: a second model (same kinds as ``model``) of the same architecture and layer
             shapes: ``layer_a`` is then a layer of ``model``, ``layer_b`` a layer of ``other``,
             and the null partner is ``other``'s layer with its residual stream rotated. The
@@ -166,13 +179,15 @@ def analyze(model: str | LayerReader, layers: Iterable[int] | None = None, pairs
 
     Raises:
         ModelMismatchError: ``other`` has another architecture, depth or layer shapes.
-        DriftError: bad method/pairs/device, a layer out of range, fewer than two layers (one
-            model), or any checkpoint problem (see :mod:`drift.errors`); with ``scheduler``, an
-            open reader, no ``distributed`` installed, or no scheduler at that address.
+        DriftError: bad method/pairs/device/n_null/seed/form_budget, a layer out of range, fewer
+            than two layers (one model), or any checkpoint problem (see :mod:`drift.errors`);
+            with ``scheduler``, an open reader, no ``distributed`` installed, an address no
+            scheduler can have, or none answering there within
+            :data:`drift.cluster.CONNECT_TIMEOUT`.
     """
     m = methods.get(method)
-    if isinstance(n_null, bool) or not isinstance(n_null, int) or n_null < 0:
-        raise DriftError(f"n_null must be an integer, 0 (no null) or more, not {n_null!r}")
+    n_null = _count(n_null)
+    form_budget = _form_budget(form_budget)
     seed = check_seed(seed)
     tdtype = _dtype(dtype)
     cross = other is not None
@@ -188,6 +203,10 @@ def analyze(model: str | LayerReader, layers: Iterable[int] | None = None, pairs
     layers = _layers(layers, reader.n_layers, minimum=1 if cross else 2)
     plist = layer_pairs(layers, pairs, cross)
     keys = [((0, a), (1 if cross else 0, b)) for a, b in plist]  # the store's pairs
+    if n_null >= N_NULL_WARN:
+        log.warning(f"n_null={n_null} means {len(plist) * (1 + n_null):,} comparisons ({len(plist)} pairs x "
+                    f"(1 observed + {n_null} null)), about {(1 + n_null) / 2:,.0f} times the work of the "
+                    f"default n_null=1")
     memory.for_layers(reader.sym, torch.empty((), dtype=tdtype).element_size())
     bar = _progress_bar(progress, len(plist), f"drift {method}")
     try:
@@ -329,6 +348,26 @@ def _open(model: str | LayerReader, dtype: torch.dtype) -> LayerReader:
 
 def _name(model: str | LayerReader, reader: LayerReader) -> str:
     return str(model if not isinstance(model, LayerReader) else reader.ckpt.name)
+
+
+def _count(n_null) -> int:
+    """``n_null`` as an int >= 0: a Python or numpy integer, not a bool or a float."""
+    try:
+        n = None if isinstance(n_null, bool) else operator.index(n_null)  # numpy's bool has no __index__
+    except TypeError:
+        n = None
+    if n is None or n < 0:
+        raise DriftError(f"n_null must be an integer, 0 (no null) or more, not {n_null!r}")
+    return n
+
+
+def _form_budget(form_budget) -> float:
+    """``form_budget`` as a number of bytes > 0 (an int, a float such as 2e9, or inf)."""
+    ok = isinstance(form_budget, numbers.Real) and not isinstance(form_budget, bool)  # numpy's bool is no Real
+    if not ok or not form_budget > 0:  # NaN fails > 0
+        raise DriftError(f"form_budget must be a number of bytes > 0 (e.g. {FORM_BUDGET} = 1 GiB), "
+                         f"not {form_budget!r}")
+    return form_budget
 
 
 def _dtype(dtype: str | torch.dtype) -> torch.dtype:

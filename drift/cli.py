@@ -114,6 +114,11 @@ def analyze_command(args: argparse.Namespace) -> int:
 
     from .output import check_output, free_name
 
+    function_cli.check_out(args.out)
+    if args.scheduler is not None:  # a bad address or no distributed, named before any checkpoint is read
+        from . import cluster
+
+        cluster.check(args.scheduler, (args.model, args.other))
     if args.other is None and args.pairs == "diagonal":
         raise DriftError("--pairs diagonal compares layer i of --model with layer i of --other: give --other")
     if args.other is not None and args.pairs == "consecutive":

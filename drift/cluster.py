@@ -19,6 +19,7 @@ cluster already runs pairs side by side, and a Dask worker's process may not for
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 from pathlib import Path
@@ -35,8 +36,8 @@ from .null import NullDraws
 
 def check(scheduler, models: Sequence) -> None:
     """Refuse, before any checkpoint is opened, what a cluster cannot run: an open reader
-    among ``models``, a ``scheduler`` that is neither an address nor a Client, or no
-    ``distributed`` installed."""
+    among ``models``, a ``scheduler`` that is neither an address nor a Client, an address
+    that no scheduler can have (:func:`check_address`), or no ``distributed`` installed."""
     for what, model in zip(("model", "other"), models):
         if isinstance(model, LayerReader):
             raise DriftError(f"with a scheduler, {what} must be a path, repo id or 'minilm' that every "
@@ -45,6 +46,29 @@ def check(scheduler, models: Sequence) -> None:
     if not isinstance(scheduler, (str, distributed.Client)):
         raise DriftError(f"scheduler must be an address such as 'tcp://host:8786' or a distributed.Client, "
                          f"not {scheduler!r}")
+    if isinstance(scheduler, str):
+        check_address(scheduler)
+
+
+HOST_PORT_SCHEMES = ("tcp", "tls", "ws", "wss")
+"""Dask address schemes that name a host and a port (``inproc``, ``ucx`` are left to Dask)."""
+
+
+def check_address(address: str) -> None:
+    """Refuse an address that no Dask scheduler can have (``hello``, ``tcp://host``, a port
+    out of range), before a Client is made: Dask's own refusal comes from inside the Client's
+    constructor, which leaves a half-made Client whose ``__del__`` then blocks for a minute."""
+    from distributed.comm.addressing import get_address_host_port, parse_address
+
+    try:
+        scheme, _ = parse_address(address)
+        port = get_address_host_port(address)[1] if scheme in HOST_PORT_SCHEMES else 1
+    except ValueError as e:
+        raise DriftError(f"scheduler {address!r} is not a Dask scheduler address ({e}): give "
+                         f"tcp://host:port, e.g. 'tcp://127.0.0.1:8786'") from None
+    if not 0 < port < 1 << 16:
+        raise DriftError(f"scheduler {address!r} is not a Dask scheduler address (port {port} is not in "
+                         f"1..65535): give tcp://host:port, e.g. 'tcp://127.0.0.1:8786'")
 
 
 def compare_pairs(scheduler, models: Sequence, m: methods.Method, keys: Sequence[tuple], n_null: int,
@@ -135,11 +159,30 @@ def _worker_name(model) -> str:
     return str(path.resolve()) if resolve_model(str(model)) == path else str(model)
 
 
+CONNECT_TIMEOUT = 5.0
+"""Seconds to wait at most for the scheduler at an address to answer (less where Dask's
+``distributed.comm.timeouts.connect`` says less). Dask waits 30 s by default, retrying, for a
+scheduler that may still be starting; drift is given the address of one that runs."""
+
+
 def _connect(distributed, address: str):
+    """A Client of the scheduler at ``address``, or a DriftError naming it. A Client whose
+    constructor fails is closed here: left to its ``__del__``, it blocks for a minute on an
+    event loop that no longer runs, then prints a traceback (distributed 2026.8)."""
+    import dask
+    from dask.utils import parse_timedelta
+
+    timeout = min(CONNECT_TIMEOUT, parse_timedelta(dask.config.get("distributed.comm.timeouts.connect"), "s"))
+    client = distributed.Client.__new__(distributed.Client)  # a hold on it, should __init__ fail
     try:
-        return distributed.Client(address, set_as_default=False)
-    except (OSError, ValueError) as e:
-        raise DriftError(f"cannot connect to the Dask scheduler at {address}: {e}") from None
+        client.__init__(address, set_as_default=False, timeout=timeout)
+    except BaseException as e:
+        with contextlib.suppress(Exception):  # a constructor that failed early has less to close
+            client.close(timeout=1)
+        if isinstance(e, (OSError, ValueError, TypeError)):  # TypeError: tls:// without a security config
+            raise DriftError(f"cannot connect to the Dask scheduler at {address}: {e}") from None
+        raise
+    return client
 
 
 def _distributed():

@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .errors import DriftError
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -83,9 +85,28 @@ class AnalysisResult:
         df = self.df[self.df["layer_b"] == self.df["layer_a"] + 1].reset_index(drop=True)
         return AnalysisResult(df, {**self.meta, "pairs": "consecutive"})
 
+    @property
+    def value_columns(self) -> list[str]:
+        """The table's number columns that :meth:`summary` and :meth:`matrix` take:
+        ``residual``, ``null``, ``rho`` and any a result adds (a tie's ``embedding_cos`` …)."""
+        from pandas.api.types import is_bool_dtype, is_numeric_dtype
+
+        keys = {"layer_a", "layer_b"}
+        return [c for c in self._column_order()
+                if c not in keys and is_numeric_dtype(self.df[c]) and not is_bool_dtype(self.df[c])]
+
+    def _check_value(self, name: str, value) -> None:
+        if not isinstance(value, str) or value not in self.value_columns:
+            raise DriftError(f"{name} must be one of {', '.join(self.value_columns)}, not {value!r}")
+
     def summary(self, by: str = "residual") -> pd.DataFrame:
         """Per-family mean/min/max/std/n of ``by`` (and mean null, mean rho), ranked by mean
-        ``by``, least to most variation (the reference script's table)."""
+        ``by``, least to most variation (the reference script's table).
+
+        Raises:
+            DriftError: ``by`` is not one of :attr:`value_columns`.
+        """
+        self._check_value("by", by)
         g = self.df.groupby("family", sort=False)
         out = g[by].agg(["mean", "min", "max", "std", "count"]).rename(columns={"count": "n"})
         out["std"] = g[by].agg(lambda v: float(np.std(v)))  # population std, as the reference
@@ -98,7 +119,14 @@ class AnalysisResult:
         """Layer x layer table of ``value`` for one family (symmetric; NaN where not computed).
 
         Of a cross-model result: layers of the model (rows) x layers of the other model
-        (columns), as computed: not symmetric, and the diagonal is measured, not 0."""
+        (columns), as computed: not symmetric, and the diagonal is measured, not 0.
+
+        Raises:
+            DriftError: ``family`` is not in the result, or ``value`` is not one of :attr:`value_columns`.
+        """
+        self._check_value("value", value)
+        if family not in self.families:
+            raise DriftError(f"family {family!r} is not in the result (it has {', '.join(self.families)})")
         d = self.df[self.df["family"] == family]
         layers = sorted(set(d["layer_a"]) | set(d["layer_b"]))
         import pandas as pd

@@ -253,6 +253,8 @@ FLAG_CASES = {
     "device meta": (["--device", "meta"], ["device", "meta"]),
     "device nonsense": (["--device", "gpu0"], ["device", "gpu0"]),
     "cuda without one": (["--device", "cuda"], ["cuda"]),
+    "cuda:1 without one": (["--device", "cuda:1"], ["'cuda:1'", "no CUDA device"]),
+    "cuda:3 of one": (["--device", "cuda:3"], ["'cuda:3'", "only 1 CUDA device"]),
     "dtype float16": (["--dtype", "float16"], ["--dtype", "float16"]),
     "unknown pairs": (["--pairs", "diag"], ["--pairs", "diag"]),
     "unknown method": (["--method", "foo"], ["--method", "foo"]),
@@ -263,8 +265,11 @@ FLAG_CASES = {
 
 @pytest.mark.parametrize("case", list(FLAG_CASES))
 def test_bad_paths_and_flags(case, model, tmp_path, capsys, monkeypatch):
-    if case == "cuda without one":
+    if case.endswith("without one"):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    if case == "cuda:3 of one":
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     argv, words = FLAG_CASES[case]
     (tmp_path / "FILE").write_text("x")
     (tmp_path / "EMPTY").mkdir()
@@ -275,6 +280,23 @@ def test_bad_paths_and_flags(case, model, tmp_path, capsys, monkeypatch):
     rc, err = run_cli(["analyze", *argv, "--out", str(out), "--quiet"], capsys)
     assert_one_line(rc, err, *words)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["analyze", "function", "tie"])
+def test_an_empty_out_is_refused_not_taken_for_the_default(command, tmp_path, capsys, monkeypatch):
+    # --out "" (an unset shell variable) wrote drift_<model>_<method>.json here instead
+    monkeypatch.chdir(tmp_path)
+    rc, err = run_cli([command, "--model", "minilm", "--out", "", "--quiet"], capsys)
+    assert_one_line(rc, err, "--out '' is empty")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["function", "tie"])
+@pytest.mark.parametrize("spec, bad", [("0:100", 6), ("7:9", 7), ("-1:3", -1)])
+def test_a_layer_range_beyond_the_model_quotes_the_spec(command, spec, bad, tmp_path, capsys):
+    rc, err = run_cli([command, "--model", "minilm", f"--layers={spec}", "--quiet",
+                       "--out", str(tmp_path / "x.json")], capsys)
+    assert_one_line(rc, err, f"--layers {spec}: layer {bad} is out of range", "6 layers (0..5)")
 
 
 def test_no_command(capsys):
@@ -454,3 +476,98 @@ def test_a_family_given_twice_is_refused_before_the_tie(capsys):
     # it used to crash in to_json_dict after the whole computation, losing the result
     rc, err = run_cli(["tie", "--model", "minilm", "--quiet", "--family", "mlp,mlp", "--layers", "0:1"], capsys)
     assert_one_line(rc, err, "family 'mlp' is given twice")
+
+
+# --------------------------------------------------------------------------- the API's arguments
+
+def test_numpy_integers_are_taken_for_n_null(model):
+    """n_null took only Python ints while seed took numpy's too (a loop over np.arange)."""
+    import numpy as np
+
+    import drift
+
+    got = drift.analyze(str(model), layers=[0, 1], n_null=np.int64(1), seed=np.int64(2), progress=False)
+    want = drift.analyze(str(model), layers=[0, 1], n_null=1, seed=2, progress=False)
+    assert type(got.meta["n_null"]) is int and got.meta == want.meta
+    assert got.df.equals(want.df)
+
+
+@pytest.mark.parametrize("n_null", [True, 1.0, 1.5, -1, "1", None])
+def test_n_null_that_is_not_a_count_is_refused(n_null, model):
+    import drift
+    from drift.errors import DriftError
+
+    with pytest.raises(DriftError, match=r"n_null must be an integer, 0 \(no null\) or more, not "):
+        drift.analyze(str(model), layers=[0, 1], n_null=n_null, progress=False)
+
+
+@pytest.mark.parametrize("budget", ["x", 0, -1, float("nan"), True, None, [1 << 30]])
+def test_a_bad_form_budget_is_refused_before_the_model_is_opened(budget):
+    # "x" was a TypeError from deep inside the form store, after the model was opened
+    import drift
+    from drift.errors import DriftError
+
+    with pytest.raises(DriftError, match=r"form_budget must be a number of bytes > 0 .*, not "):
+        drift.analyze("/nonexistent/model", form_budget=budget, progress=False)
+
+
+def test_form_budgets_of_any_number_type_are_taken(model):
+    import numpy as np
+
+    import drift
+
+    want = drift.analyze(str(model), layers=[0, 1], n_null=0, progress=False).df
+    for budget in (np.int64(1), 2.5e9, float("inf")):
+        assert drift.analyze(str(model), layers=[0, 1], n_null=0, form_budget=budget, progress=False).df.equals(want)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop(done, total):
+    raise _Stop  # at the bar's first report, before any comparison
+
+
+@pytest.mark.parametrize("n_null, warned", [(10_000, True), (99, False), (1, False)])
+def test_a_large_n_null_says_how_many_comparisons_it_means(n_null, warned, model, caplog):
+    import drift
+
+    with caplog.at_level("WARNING", logger="drift.analysis"), pytest.raises(_Stop):
+        drift.analyze(str(model), n_null=n_null, pairs="all", progress=_stop)  # 3 layers: 3 pairs
+    lines = [r.getMessage() for r in caplog.records if r.name == "drift.analysis"]
+    if warned:
+        assert lines == ["n_null=10000 means 30,003 comparisons (3 pairs x (1 observed + 10000 null)), "
+                         "about 5,000 times the work of the default n_null=1"]
+    else:
+        assert lines == []
+
+
+def _result():
+    from _synthetic import make_result
+
+    return make_result(layers=range(3))
+
+
+@pytest.mark.parametrize("call, words", [
+    (lambda r: r.matrix("q_proj", value="bogus"), "value must be one of residual, null, rho, not 'bogus'"),
+    (lambda r: r.matrix("bogus"), "family 'bogus' is not in the result (it has q_proj, "),
+    (lambda r: r.summary(by="bogus"), "by must be one of residual, null, rho, not 'bogus'"),
+    (lambda r: r.summary(by="invariant"), "by must be one of residual, null, rho, not 'invariant'"),
+])
+def test_a_result_names_its_choices(call, words):
+    # these were a bare KeyError('bogus') from pandas, or an empty matrix for an unknown family
+    from drift.errors import DriftError
+
+    with pytest.raises(DriftError) as e:
+        call(_result())
+    assert words in str(e.value)
+
+
+def test_a_result_takes_every_number_column():
+    r = _result()
+    assert r.value_columns == ["residual", "null", "rho"]
+    r.df["embedding_cos"] = 0.5  # a tie's extra column
+    assert r.summary(by="embedding_cos")["mean"].eq(0.5).all()
+    null = r.df.query("family == 'q_proj' and layer_a == 0")["null"].item()
+    assert r.matrix("q_proj", value="null").loc[0, 1] == null

@@ -170,3 +170,35 @@ def test_the_cli_runs_on_a_scheduler(dask_cluster, tmp_path):
     got, want = (drift.AnalysisResult.from_json(outs[n]) for n in ("cluster", "local"))
     assert_same(got, want)
     assert json.loads(outs["cluster"].read_text())["model"] == TINY_QWEN3
+
+
+def _cli(*args, timeout: float) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DASK_")}  # Dask's own defaults
+    return subprocess.run([sys.executable, "-m", "drift", "analyze", "--model", "minilm", "--quiet", *args],
+                          capture_output=True, text=True, env=dict(env, OMP_NUM_THREADS="1"), timeout=timeout)
+
+
+@pytest.mark.parametrize("address, words", [
+    ("hello", ["scheduler 'hello' is not a Dask scheduler address", "missing port", "tcp://host:port"]),
+    ("tcp://127.0.0.1", ["scheduler 'tcp://127.0.0.1' is not a Dask scheduler address", "missing port"]),
+    ("tcp://127.0.0.1:99999", ["port 99999 is not in 1..65535"]),
+    ("tls://127.0.0.1:1", ["cannot connect to the Dask scheduler at tls://127.0.0.1:1", "TLS"]),
+])
+def test_a_bad_address_is_one_line_and_the_cli_exits_at_once(address, words, tmp_path):
+    """'hello' printed its line, then the half-made Client's __del__ blocked for 60 s and
+    printed a traceback; tls:// without a TLS config did the same after a TypeError's."""
+    proc = _cli("--scheduler", address, "--out", str(tmp_path / "x.json"), timeout=30)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("drift: "), proc.stderr
+    for w in words:
+        assert w in lines[0]
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_no_scheduler_answering_fails_within_the_connect_timeout(tmp_path):
+    """Nothing listens on port 1: Dask retried for its 30 s default; drift waits CONNECT_TIMEOUT."""
+    assert drift_cluster.CONNECT_TIMEOUT <= 5
+    proc = _cli("--scheduler", "tcp://127.0.0.1:1", "--out", str(tmp_path / "x.json"), timeout=25)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("drift: cannot connect to the Dask scheduler at tcp://127.0.0.1:1: ")

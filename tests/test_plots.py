@@ -377,3 +377,289 @@ def test_drift_along_colours_do_not_depend_on_the_selection():
     every = {l.get_label(): l.get_color() for l in plots.drift_along(result).get_lines()}
     some = {l.get_label(): l.get_color() for l in plots.drift_along(result, families=fams[1:]).get_lines()}
     assert all(some[f] == every[f] for f in fams[1:])
+
+
+# --------------------------------------------------------------------------- activations, ties: what each number is
+
+def _activations(pairs: str = "all", layers=range(5), seed: int = 0) -> AnalysisResult:
+    """A result shaped like ``drift.function.activation_similarity``'s (rows and meta): a
+    distance (residual_angle, small for neighbours) and a similarity (update_cka, large for
+    neighbours), null and ρ NaN. The real one is checked to have this shape below."""
+    rng = np.random.default_rng(seed)
+    layers = list(layers)
+    plist = list(zip(layers[:-1], layers[1:])) if pairs == "consecutive" else \
+        [(a, b) for i, a in enumerate(layers) for b in layers[i + 1:]]
+    rows = []
+    for fam in ("residual_angle", "update_cka"):
+        for a, b in plist:
+            near = 0.15 + 0.05 * (b - a) + rng.normal(0, 0.01)
+            v = near if fam == "residual_angle" else 1.0 - 0.6 * near
+            rows.append(dict(family=fam, layer_a=a, layer_b=b, residual=v, null=np.nan, rho=np.nan,
+                             invariant=True, kind="activation", space="activations"))
+    meta = dict(model="synthetic", architecture="bert", method="activations", space="activations",
+                pairs=pairs, layers=layers, seed=seed)
+    return AnalysisResult(pd.DataFrame(rows), meta)
+
+
+def _tie(method: str = "exact", families=("q_proj", "up_proj")) -> AnalysisResult:
+    """A result shaped like ``drift.function.tie``'s: consecutive (reference, target) pairs,
+    damage / null tie, ``meta["space"] == "tie"``."""
+    r = make_result(method, "consecutive", families=list(families))
+    df = r.df.assign(residual=r.df["rho"] * 0.5, null=0.5, kind="tie", space="tie")
+    return AnalysisResult(df, {**r.meta, "space": "tie", "reference": "previous", "measure": "relative_change"})
+
+
+def _label_inside_figure(text) -> bool:
+    """Is ``text`` (a colour bar's label) drawn wholly inside its figure?"""
+    fig = text.figure
+    fig.canvas.draw()
+    box = text.get_window_extent(fig.canvas.get_renderer())
+    return box.y0 >= 0 and box.y1 <= fig.bbox.height and box.x0 >= 0 and box.x1 <= fig.bbox.width
+
+
+def _colorbars(fig) -> list:
+    return [a for a in fig.axes if a.get_label() == "<colorbar>"]
+
+
+def test_activation_result_of_the_real_function_is_what_the_plots_expect(toy_checkpoint):
+    """The synthetic activations above have the real one's shape: every family a measure
+    whose direction the plots know, the space in meta, no null."""
+    from drift.function import activation_similarity
+    from drift.plots._common import MEASURES, direction, space
+
+    folder, _ = toy_checkpoint("llama")
+    real = activation_similarity(folder, tokens="random", n_seq=2, seq_len=8, batch_size=2, progress=False)
+    assert space(real) == space(_activations()) == "activations"
+    assert real.families == _activations().families and set(real.families) <= set(MEASURES)
+    assert direction(real, "residual_angle") == "distance" and direction(real, "update_cka") == "similarity"
+    assert real.df["null"].isna().all()
+
+
+def test_activation_ranking_turns_a_similarity_into_variation():
+    """update_cka is a similarity: ranked and drawn as 1 − similarity, and it says so, so
+    that "least variation on top" holds for both measures."""
+    r = _activations()
+    ax = plots.ranking(r, value="residual")
+    bars = next(c for c in ax.containers if isinstance(c, BarContainer))
+    ticks = [t.get_text() for t in ax.get_yticklabels()]
+    mean = r.df.groupby("family")["residual"].mean()
+    widths = dict(zip([t.split("\n")[0] for t in ticks], [b.get_width() for b in bars]))
+    assert widths["update_cka"] == pytest.approx(1.0 - mean["update_cka"])
+    assert widths["residual_angle"] == pytest.approx(mean["residual_angle"])
+    assert widths[ticks[0].split("\n")[0]] <= widths[ticks[1].split("\n")[0]]  # least variation on top
+    assert "update_cka\n(1 − similarity)" in ticks and "residual_angle" in ticks
+    assert "1 − similarity" in ax.get_xlabel() and "mean residual" not in ax.get_title()
+    assert any(t.get_text().endswith(f"= 1 − {mean['update_cka']:.3f}") for t in ax.texts)  # CKA itself is shown
+
+
+def test_activation_heatmap_grid_gives_each_measure_its_own_scale_and_label():
+    r = _activations()
+    axes = plots.heatmap_grid(r, value="residual")
+    fig = axes.flat[0].figure
+    cbars = _colorbars(fig)
+    assert len(cbars) == 2  # a distance and a similarity share no colour bar
+    labels = [c.get_ylabel() for c in cbars]
+    assert labels[0].startswith("residual_angle: distance") and "update_cka" not in labels[0]
+    assert labels[1].startswith("update_cka: similarity") and "residual_angle" not in labels[1]
+    assert "larger = more different" in labels[0].replace("\n", " ")
+    assert "larger = more alike" in labels[1].replace("\n", " ")
+    clims = {ax.get_title(): ax.images[0].get_clim() for ax in axes.flat if ax.images}
+    assert clims["update_cka"] == (0.0, 1.0) and clims["residual_angle"] != clims["update_cka"]
+    cmaps = {ax.get_title(): ax.images[0].get_cmap().name for ax in axes.flat if ax.images}
+    assert cmaps == {"residual_angle": "viridis", "update_cka": "viridis_r"}  # dark = alike in both
+    assert "residual between layers" not in fig._suptitle.get_text()
+    assert all(_label_inside_figure(c.yaxis.label) for c in cbars)
+
+
+def test_single_measure_heatmap_carries_its_own_label():
+    r = _activations()
+    ax = plots.heatmap(r, "update_cka", value="residual")
+    label = _colorbar_label(ax)
+    assert label.startswith("update_cka: similarity") and "residual_angle" not in label
+    assert "update_cka: similarity between layers" in ax.get_title()
+    ax = plots.heatmap(r, "residual_angle", value="residual", cmap="magma")
+    assert _colorbar_label(ax).startswith("residual_angle: distance") and "update_cka" not in _colorbar_label(ax)
+    assert ax.images[0].get_cmap().name == "magma"  # a colour map asked for is used as given
+
+
+@pytest.mark.parametrize("make, value, families", [
+    (lambda: make_result("exact", "all"), "rho", ["q_proj"]),
+    (lambda: make_result("exact", "all"), "rho", ["q_proj", "k_proj"]),
+    (_activations, "residual", ["update_cka"]),  # its label was the two measures' combined one
+    (_activations, "residual", ["residual_angle", "update_cka"]),
+])
+def test_one_row_heatmap_grid_colorbar_label_is_not_clipped(make, value, families):
+    axes = plots.heatmap_grid(make(), families=families, value=value)
+    cbars = _colorbars(axes.flat[0].figure)
+    assert cbars and all(_label_inside_figure(c.yaxis.label) for c in cbars)
+
+
+@pytest.mark.parametrize("draw", [lambda r: plots.heatmap(r, "update_cka"), lambda r: plots.ranking(r),
+                                  lambda r: plots.drift_along(r), lambda r: plots.heatmap_grid(r),
+                                  lambda r: plots.heatmap(r, "update_cka", value="null")])
+def test_activations_have_no_null_and_are_not_told_to_rerun_with_one(draw):
+    with pytest.raises(ValueError, match="activation measures have no null") as e:
+        draw(_activations("consecutive"))
+    assert "n_null" not in str(e.value) and "value='residual'" in str(e.value)
+
+
+def test_activation_measures_along_the_depth_say_which_way_is_alike():
+    ax = plots.drift_along(_activations("consecutive"), value="residual")
+    labels = [ln.get_label() for ln in ax.get_lines()]
+    assert "residual_angle (distance: up = different)" in labels
+    assert "update_cka (similarity: up = alike)" in labels
+    ax = plots.drift_along(_activations("consecutive"), families="update_cka", value="residual")
+    assert ax.get_ylabel().startswith("update_cka: similarity") and "update_cka (similarity)" in ax.get_title()
+
+
+def test_render_of_activations_draws_each_measure_on_its_own_axis():
+    from drift.explorer_view import render
+
+    figs = render(_activations(), value="residual")
+    along = [ax for ax in figs["drift_along"].axes if ax.get_lines()]
+    assert len(along) == 2
+    assert [ax.get_ylabel().split(":")[0] for ax in along] == ["residual_angle", "update_cka"]
+    for ax in along:
+        assert len({ln.get_label() for ln in ax.get_lines() if not ln.get_label().startswith("_")}) == 1
+    assert len(_colorbars(figs["heatmaps"])) == 2
+    assert "1 − similarity" in figs["ranking"].axes[0].get_xlabel()
+
+
+def test_ranking_null_label_is_clear_of_the_title(cons):
+    fig, ax = plt.subplots(figsize=(6.4, 3), layout="constrained")
+    plots.ranking(cons, ax=ax)
+    fig.canvas.draw()
+    r = fig.canvas.get_renderer()
+    title = ax.title.get_window_extent(r)
+    assert not any(title.overlaps(t.get_window_extent(r)) for t in ax.texts)
+    assert "null (ρ = 1)" in [t.get_text() for t in ax.get_legend().get_texts()]
+
+
+def _self_comparison(pairs: str = "diagonal") -> AnalysisResult:
+    """A model against itself (``analyze(m, other=m)``): every diagonal ρ is 0."""
+    r = make_result("exact", "all", layers=range(4))
+    rows = [dict(family=f, layer_a=L, layer_b=L, residual=0.0, null=1.36, rho=0.0, invariant=True, kind="weight")
+            for f in ("q_proj", "k_proj") for L in range(4)]
+    meta = {**r.meta, "model": "minilm", "pairs": pairs, "other": {"model": "minilm"}}
+    return AnalysisResult(pd.DataFrame(rows), meta)
+
+
+def test_a_model_against_itself_keeps_its_axes_apart_and_its_zero_lines_visible():
+    r = _self_comparison()
+    ax = plots.heatmap(r, "q_proj")
+    assert ax.get_ylabel() == "layer of minilm (A)" and ax.get_xlabel() == "layer of minilm (B)"
+    assert "minilm (A) vs minilm (B)" in ax.get_title()
+    for value in ("rho", "residual"):
+        ax = plots.diagonal_along(r, value=value)
+        assert ax.get_ylim()[0] < 0.0  # the lines at 0 are drawn above the axis, not under it
+        assert "minilm (A)" in ax.get_xlabel() and "minilm (B)" in ax.get_xlabel()
+    axes = plots.heatmap_grid(r)
+    fig = axes.flat[0].figure
+    assert fig._supylabel.get_text() == "layer of minilm (A)" and fig._supxlabel.get_text() == "layer of minilm (B)"
+
+
+def test_neighbouring_families_along_the_depth_stay_distinguishable():
+    """Eleven families (tab20 gave the first two blue and light blue): neighbours differ in
+    hue, or in marker and line style; no two families look the same."""
+    import colorsys
+
+    from matplotlib.colors import to_rgb
+
+    r = make_result()
+    ax = plots.drift_along(r)
+    lines = [ln for ln in ax.get_lines() if ln.get_label() in r.families]
+    assert len(lines) == len(r.families) == 11
+
+    def hue(c):
+        h, s, _ = colorsys.rgb_to_hsv(*to_rgb(c))
+        return None if s < 0.1 else h  # grey has no hue
+
+    looks = [(to_rgb(ln.get_color()), ln.get_marker(), ln.get_linestyle()) for ln in lines]
+    assert len(set(looks)) == len(looks)
+    for (c1, m1, s1), (c2, m2, s2) in zip(looks, looks[1:]):
+        h1, h2 = hue(c1), hue(c2)
+        apart = (h1 is None) != (h2 is None) or (h1 is not None and min(abs(h1 - h2), 1 - abs(h1 - h2)) >= 0.04)
+        assert apart or (m1, s1) != (m2, s2), (c1, c2)
+
+
+# --------------------------------------------------------------------------- argument checks
+
+def test_weight_vs_tie_refuses_results_of_the_wrong_kind(cons):
+    w, t = cons, _tie()
+    assert plots.weight_vs_tie(w, t) is not None  # the right way round draws
+    with pytest.raises(ValueError, match=r"weights is a tie result .*swapped"):
+        plots.weight_vs_tie(t, w)
+    with pytest.raises(ValueError, match=r"tie is a weight result \(drift.analyze\), not a tie result"):
+        plots.weight_vs_tie(w, make_result("raw"))
+    with pytest.raises(ValueError, match="tie is an activations result"):
+        plots.weight_vs_tie(w, _activations())
+    with pytest.raises(ValueError, match="weights is an activations result"):
+        plots.weight_vs_tie(_activations(), t)
+    with pytest.raises(TypeError, match="AnalysisResult"):
+        plots.weight_vs_tie(w, None)
+
+
+def test_weight_vs_tie_value_is_checked(cons):
+    with pytest.raises(ValueError, match="value must be one of rho, residual, null, got 'bogus'"):
+        plots.weight_vs_tie(cons, _tie(), value="bogus")
+
+
+def test_weight_vs_tie_of_a_weight_result_without_null_says_so(cons):
+    with pytest.raises(ValueError, match=r"weight result has no null .*value='residual'.*n_null >= 1"):
+        plots.weight_vs_tie(_without_null(cons), _tie())
+    ax = plots.weight_vs_tie(_without_null(cons), _tie(), value="residual")  # the way out works
+    assert len(ax.collections) == 2
+
+
+def test_compare_methods_refuses_activations_a_mix_and_a_list(three):
+    with pytest.raises(ValueError, match="activation measures"):
+        plots.compare_methods({"act": _activations()})
+    with pytest.raises(ValueError, match="not a mix"):
+        plots.compare_methods({"exact": three["exact"], "tie": _tie()})
+    with pytest.raises(TypeError, match=r"mapping of label -> result.*not a list"):
+        plots.compare_methods([three["exact"]])
+    with pytest.raises(TypeError, match="AnalysisResult"):
+        plots.compare_methods({"exact": None})
+
+
+def test_compare_methods_of_ties_draws_no_weight_ceiling():
+    """Ties by method (notebook 04) are one kind: drawn, without the weights' √2 line, titled
+    with damage, not residual."""
+    ax = plots.compare_methods({m: _tie(m) for m in ("exact", "raw")})
+    assert not any("√2" in str(ln.get_label()) for ln in ax.get_lines())
+    assert ax.get_title().startswith("damage per family") and "tie damage" in ax.get_ylabel()
+
+
+def test_a_single_family_name_is_one_family(allp, three):
+    axes = plots.heatmap_grid(allp, families="q_proj")
+    assert [ax.get_title() for ax in axes.flat if ax.images] == ["q_proj"]
+    ax = plots.ranking(allp, families="k_proj")
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["k_proj"]
+    ax = plots.drift_along(allp, families="q_proj")
+    assert [ln.get_label() for ln in ax.get_lines() if ln.get_label() in allp.families] == ["q_proj"]
+    ax = plots.compare_methods(three, families="q_proj")
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["q_proj"]
+
+
+@pytest.mark.parametrize("draw", [lambda r: plots.heatmap(r, "q_proj"), lambda r: plots.heatmap_grid(r),
+                                  lambda r: plots.ranking(r), lambda r: plots.drift_along(r),
+                                  lambda r: plots.diagonal_along(r)])
+def test_no_result_is_a_clear_type_error(draw):
+    with pytest.raises(TypeError, match="needs an AnalysisResult .* got NoneType"):
+        draw(None)
+    assert plt.get_fignums() == []  # refused before drawing
+
+
+def test_weight_vs_tie_refuses_a_weight_result_of_no_known_method(cons):
+    odd = AnalysisResult(cons.df, {**cons.meta, "method": "mystery"})
+    with pytest.raises(ValueError, match="weights has method 'mystery', not one of"):
+        plots.weight_vs_tie(odd, _tie())
+
+
+def test_an_activation_measure_of_unknown_direction_is_refused_not_guessed():
+    r = _activations()
+    odd = AnalysisResult(r.df.assign(family=r.df["family"].replace({"update_cka": "new_measure"})), r.meta)
+    with pytest.raises(ValueError, match="'new_measure' has no declared direction"):
+        plots.heatmap_grid(odd, value="residual")
+    with pytest.raises(ValueError, match="'new_measure' has no declared direction"):
+        plots.ranking(odd, value="residual")

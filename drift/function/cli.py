@@ -56,7 +56,8 @@ def _output_args(p: argparse.ArgumentParser, default_name: str) -> None:
 
 
 def parse_layers(spec: str | None, n_layers: int) -> range | None:
-    """``"a:b"`` -> range(a, b + 1); either side may be empty (0, the last layer)."""
+    """``"a:b"`` -> range(a, b + 1); either side may be empty (0, the last layer). Both must be
+    layers of the model: the error quotes ``spec`` as given."""
     if spec is None:
         return None
     a, sep, b = spec.partition(":")
@@ -69,7 +70,18 @@ def parse_layers(spec: str | None, n_layers: int) -> range | None:
         raise DriftError(f"--layers must be FIRST:LAST (both inclusive, e.g. 0:{n_layers - 1}), not {spec!r}")
     if last < first:
         raise DriftError(f"--layers {spec}: the last layer {last} is before the first {first}")
+    outside = [L for L in (first, max(first, n_layers)) if L <= last and not 0 <= L < n_layers]
+    if outside:  # the range's first layer that the model lacks
+        raise DriftError(f"--layers {spec}: layer {outside[0]} is out of range: the model has {n_layers} layers "
+                         f"(0..{n_layers - 1})")
     return range(first, last + 1)
+
+
+def check_out(out: str | None) -> None:
+    """Refuse an empty ``--out`` (``--out ""``, as an unset variable gives), which would
+    otherwise be taken for no ``--out`` and write the default name."""
+    if out is not None and not out.strip():
+        raise DriftError(f"--out {out!r} is empty: give a file path, or leave --out off for the default name")
 
 
 def format_table(result) -> str:
@@ -100,6 +112,7 @@ def command(args: argparse.Namespace) -> int:
     from ..output import check_output, free_name
     from .run import activation_similarity
 
+    check_out(args.out)
     folder = resolve_model(args.model)
     config = read_config(folder)
     find_arch(config)  # an unsupported architecture is named before its layer count is looked for
@@ -166,6 +179,7 @@ def tie_command(args: argparse.Namespace) -> int:
     from ..checkpoint import read_config, resolve_model
     from ..output import check_output, free_name
 
+    check_out(args.out)
     folder = resolve_model(args.model)
     config = read_config(folder)
     find_arch(config)  # an unsupported architecture is named before its layer count is looked for

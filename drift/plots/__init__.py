@@ -10,12 +10,14 @@ means something next to the method's own null (gauge-spec §5)::
 
 ``heatmap``          layer x layer matrix of one family; of a cross-model result, layers
                      of the model x layers of the other, axes named after them (.heatmaps)
-``heatmap_grid``     small multiples of ``heatmap``, one shared colour scale (.heatmaps)
+``heatmap_grid``     small multiples of ``heatmap``, one shared colour scale (activation
+                     measures, a distance and a similarity: one each)         (.heatmaps)
 ``drift_along``      consecutive pairs along the depth: ρ (with the ρ = 1 null line), or
                      residual and null side by side (``value="residual"``)   (.depth)
 ``diagonal_along``   the same for a cross-model result's diagonal: layer L of the model
                      against layer L of the other                            (.depth)
 ``ranking``          mean ρ per family with min/max whiskers, least to most variation
+                     (a similarity, update_cka, as 1 − similarity)
 ``compare_methods``  one bar per method and family; with ``value="residual"`` each bar
                      carries its own null, so an over-fitting method shows a low null (.ranking)
 ``weight_vs_tie``    weight ρ against the tie test's damage per (family, pair), with

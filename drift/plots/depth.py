@@ -4,19 +4,19 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from ..result import AnalysisResult
-from ._common import (value_label, _check_value, _consecutive, _families, _model_name, _new_axes,
-                      _pair_label, _title)
+from ._common import (_check_result, _check_value, _consecutive, _families, _family_styles,
+                      _model_names, _new_axes, _pair_label, _title, direction, space, value_label)
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.axes import Axes
 
 
-def drift_along(result: AnalysisResult, families: Sequence[str] | None = None,
+def drift_along(result: AnalysisResult, families: str | Sequence[str] | None = None,
                 ax: "Axes | None" = None, value: str = "rho") -> "Axes":
     """Consecutive-pair drift along the depth, one line per family.
 
@@ -29,6 +29,7 @@ def drift_along(result: AnalysisResult, families: Sequence[str] | None = None,
     Returns:
         The Axes.
     """
+    _check_result(result, "drift_along")
     if value not in ("rho", "residual"):
         raise ValueError(f"drift_along shows value 'rho' or 'residual', got {value!r}")
     _check_value(value, result)
@@ -36,7 +37,7 @@ def drift_along(result: AnalysisResult, families: Sequence[str] | None = None,
                   "consecutive pairs")
 
 
-def diagonal_along(result: AnalysisResult, families: Sequence[str] | None = None,
+def diagonal_along(result: AnalysisResult, families: str | Sequence[str] | None = None,
                    ax: "Axes | None" = None, value: str = "rho") -> "Axes":
     """The diagonal of a cross-model result along the depth: layer L of the model against
     layer L of the other (``analyze(model, other=..., pairs="diagonal")``), one line per family.
@@ -49,6 +50,7 @@ def diagonal_along(result: AnalysisResult, families: Sequence[str] | None = None
     Raises:
         ValueError: the result has no diagonal pairs (layer_a == layer_b), or a bad value/family.
     """
+    _check_result(result, "diagonal_along")
     if value not in ("rho", "residual"):
         raise ValueError(f"diagonal_along shows value 'rho' or 'residual', got {value!r}")
     _check_value(value, result)
@@ -56,7 +58,7 @@ def diagonal_along(result: AnalysisResult, families: Sequence[str] | None = None
     if d.empty or not result.cross_model:
         raise ValueError("the result has no diagonal pairs (layer L of a model against layer L of "
                          "another): analyze(model, other=..., pairs='diagonal' or 'all')")
-    where = f"layer (of {_model_name(result) or 'model'} and of {_model_name(result, 'other') or 'other'})"
+    where = "layer (of {} and of {})".format(*_model_names(result))
     return _along(result, d, families, ax, value, lambda a, b: str(a), where, "diagonal pairs")
 
 
@@ -68,7 +70,8 @@ def _along(result: AnalysisResult, d, families, ax, value: str, label, xlabel: s
     pairs = sorted({(int(a), int(b)) for a, b in d[["layer_a", "layer_b"]].itertuples(index=False)})
     xpos = {p: k for k, p in enumerate(pairs)}
     ax = _new_axes(ax, (7.5, 4.0))
-    colors = _family_colors(result.families)  # a family keeps its colour whatever is selected
+    styles = _family_styles(result.families)  # a family keeps its style whatever is selected
+    kind = space(result)
     sel = d[d["family"].isin(fams)]
     # The nulls of all families at one pair: one grey band when they agree (to 0.1), else one
     # dashed line per family (e.g. under ``rotation`` the MLP null is far below the attention null).
@@ -80,13 +83,14 @@ def _along(result: AnalysisResult, d, families, ax, value: str, label, xlabel: s
         if f.empty:
             continue
         x = [xpos[(int(a), int(b))] for a, b in f[["layer_a", "layer_b"]].itertuples(index=False)]
-        c = colors[fam]
-        if value == "rho":
-            ax.plot(x, f["rho"], marker="o", ms=3.5, lw=1.6, color=c, label=fam)
-        else:
-            ax.plot(x, f["residual"], marker="o", ms=3.5, lw=1.6, color=c, label=fam)
-            if has_null and not one_band:
-                ax.plot(x, f["null"], ls="--", lw=1.0, color=c, alpha=0.8)
+        st = styles[fam]
+        name = fam
+        if kind == "activations":  # a distance and a similarity may share this axis: say which is which
+            sim = direction(result, fam) == "similarity"
+            name += " (similarity: up = alike)" if sim else " (distance: up = different)"
+        ax.plot(x, f[value], ms=3.5, lw=1.6, label=name, **st)
+        if value == "residual" and has_null and not one_band:
+            ax.plot(x, f["null"], ls="--", lw=1.0, color=st["color"], alpha=0.8)
         drawn += 1
     if drawn == 0:
         raise ValueError(f"none of the families {fams} has {pairs_text}")
@@ -95,7 +99,7 @@ def _along(result: AnalysisResult, d, families, ax, value: str, label, xlabel: s
         ax.axhspan(1.0, top, color="#d9d9d9", alpha=0.5, lw=0, zorder=0,
                    label="as different as unrelated")
         ax.axhline(1.0, color="black", ls="--", lw=1.0, zorder=1, label="null: unrelated partner (ρ = 1)")
-        ax.set_ylim(0, top)
+        ax.set_ylim(-0.02 * top, top)  # a margin below 0: lines at 0 (a model against itself) stay visible
         ax.set_ylabel(value_label("rho", result), fontsize=9)
         what = "ρ along the depth"
     else:
@@ -105,16 +109,20 @@ def _along(result: AnalysisResult, d, families, ax, value: str, label, xlabel: s
                             label="null (unrelated partner),\nrange over families")
         elif has_null:
             ax.plot([], [], color="black", ls="--", lw=1.0, label="null of each family (dashed)")
-        ax.set_ylim(bottom=0)
-        space = result.meta.get("space")
-        if space in (None, "weights"):
+        ax.set_ylim(-0.02 * ax.get_ylim()[1], ax.get_ylim()[1])  # lines at 0 stay visible above the axis
+        drawn_fams = [f for f in fams if f in set(d["family"])]
+        if kind == "weights":
             ax.set_ylabel(("residual / null" if has_null else "residual") + "\n(unit-normalised Frobenius)",
                           fontsize=9)
-        else:  # activation measures, tie damage: say what the numbers are
+        elif kind == "activations":  # one measure: its own label; both: which is which
+            ax.set_ylabel(value_label("residual", result, drawn_fams[0] if len(drawn_fams) == 1 else None),
+                          fontsize=9)
+        else:  # tie damage: say what the numbers are
             ax.set_ylabel(value_label("residual", result) + (" / null" if has_null else ""), fontsize=9)
         what = "residual vs null along the depth" if has_null else "residual along the depth (no null computed)"
-        if space == "activations":
-            what = "activation measures along the depth"
+        if kind == "activations":
+            what = (f"{drawn_fams[0]} ({direction(result, drawn_fams[0])}) along the depth" if len(drawn_fams) == 1
+                    else "activation measures along the depth")
     ax.set_xticks(range(len(pairs)), [label(*p) for p in pairs])
     if len(pairs) > 16:
         for k, lab in enumerate(ax.get_xticklabels()):
@@ -124,11 +132,3 @@ def _along(result: AnalysisResult, d, families, ax, value: str, label, xlabel: s
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     ax.grid(axis="y", alpha=0.3)
     return ax
-
-
-def _family_colors(fams: Sequence[str]) -> dict[str, Any]:
-    import matplotlib
-
-    cmap = matplotlib.colormaps["tab10" if len(fams) <= 10 else "tab20"]
-    return {f: cmap(k % cmap.N) for k, f in enumerate(fams)}
-

@@ -8,7 +8,9 @@ import numpy as np
 import pandas as pd
 
 from ..result import AnalysisResult
-from ._common import METHOD_NAMES, _model_name, _new_axes, value_label
+from ..methods import METHODS
+from ._common import (METHOD_NAMES, _check_result, _check_value, _family_styles, _model_name, _new_axes, space,
+                      value_label)
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.axes import Axes
@@ -39,16 +41,32 @@ def weight_vs_tie(weights: AnalysisResult, tie: AnalysisResult, ax: "Axes | None
 
     Does a family that looks alike in weight space also tie without harm? Points near the
     origin are both; points low on x but high on y look alike but are not interchangeable.
+
+    Raises:
+        TypeError: an argument that is not a result.
+        ValueError: ``weights`` is not a weight result (:func:`drift.analyze`) or ``tie`` not a
+            tie result (:func:`drift.function.tie`), e.g. the two swapped; an unknown
+            ``value``; ρ or the null asked of a weight result computed without a null; no
+            (family, pair) in both.
     """
+    _check_kinds(weights, tie)
+    _check_value(value)
+    if value in ("rho", "null") and not weights.df[value].notna().any():
+        raise ValueError(f"the weight result has no null (it was computed with n_null=0), so no {value!r} "
+                         "to set against the tie's: use value='residual', or analyse with n_null >= 1")
+    _check_value(value, tie)
     t = weight_tie_table(weights, tie, value)
     if t.empty:
         raise ValueError("the two results share no (family, layer pair): analyse the same block and "
                          "families (tie with reference='previous' pairs with consecutive pairs)")
     ax = _new_axes(ax, (6.2, 4.6))
-    for k, (fam, g) in enumerate(t.groupby("family", sort=False)):
+    groups = list(t.groupby("family", sort=False))
+    styles = _family_styles([fam for fam, _ in groups])  # past ten families: another marker
+    for fam, g in groups:
         r = spearman(g["weight"].to_numpy(), g["tie"].to_numpy())
         label = fam if np.isnan(r) else f"{fam} (rank corr. {r:+.2f})"
-        ax.scatter(g["weight"], g["tie"], s=28, color=f"C{k % 10}", label=label, alpha=0.85)
+        ax.scatter(g["weight"], g["tie"], s=28, color=styles[fam]["color"], marker=styles[fam]["marker"],
+                   label=label, alpha=0.85)
     r_all = spearman(t["weight"].to_numpy(), t["tie"].to_numpy())
     if value == "rho":
         ax.axhline(1.0, color="black", ls="--", lw=0.8)
@@ -64,3 +82,24 @@ def weight_vs_tie(weights: AnalysisResult, tie: AnalysisResult, ax: "Axes | None
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     ax.grid(alpha=0.3)
     return ax
+
+
+def _check_kinds(weights: AnalysisResult, tie: AnalysisResult) -> None:
+    """``weights`` a weight result (``drift.analyze``: no ``meta["space"]``, an alignment
+    method), ``tie`` a tie result (``meta["space"] == "tie"``), named when not."""
+    _check_result(weights, "weight_vs_tie: weights")
+    _check_result(tie, "weight_vs_tie: tie")
+    what = {"tie": "a tie result (drift.function.tie)",
+            "activations": "an activations result (drift.function.activation_similarity)",
+            "weights": "a weight result (drift.analyze)"}
+    kinds = space(weights), space(tie)
+    if kinds[0] == "weights" and weights.method not in METHODS:
+        raise ValueError(f"weight_vs_tie(weights, tie): weights has method {weights.method!r}, not one of "
+                         f"{', '.join(METHODS)}: is it a result of drift.analyze?")
+    if kinds[0] != "weights":
+        swapped = " (are the two swapped?)" if kinds == ("tie", "weights") else ""
+        raise ValueError(f"weight_vs_tie(weights, tie): weights is {what.get(kinds[0], repr(kinds[0]))}, "
+                         f"not a weight result (drift.analyze){swapped}")
+    if kinds[1] != "tie":
+        raise ValueError(f"weight_vs_tie(weights, tie): tie is {what.get(kinds[1], repr(kinds[1]))}, "
+                         "not a tie result (drift.function.tie)")

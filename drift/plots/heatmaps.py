@@ -14,8 +14,8 @@ import numpy as np
 import pandas as pd
 
 from ..result import AnalysisResult
-from ._common import (value_label, VALUE_SHORT, _check_value, _color_limits, _families, _invariant,
-                      _layer_labels, _new_axes, _null_top, _title)
+from ._common import (_check_result, _check_value, _cmap, _color_limits, _families, _invariant, _layer_labels,
+                      _new_axes, _null_top, _title, _wrap, direction, space, value_label, value_short)
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.axes import Axes
@@ -70,7 +70,7 @@ def _draw_heatmap(ax: "Axes", m: pd.DataFrame, vmin: float, vmax: float, cmap: s
 
 
 def heatmap(result: AnalysisResult, family: str, value: str = "rho", ax: "Axes | None" = None,
-            block: tuple[int, int] | None = None, cmap: str = "viridis",
+            block: tuple[int, int] | None = None, cmap: str | None = None,
             annot: bool | None = None, colorbar: bool = True) -> "Axes":
     """Layer x layer matrix of ``value`` for one ``family``.
 
@@ -80,6 +80,8 @@ def heatmap(result: AnalysisResult, family: str, value: str = "rho", ax: "Axes |
     diagonal drawn like every other cell. The colour bar is labelled with what it
     shows and starts at 0; its top is "as different as unrelated" (ρ = 1, or for residuals
     the family's largest null), so that colour means the same verdict in every heatmap.
+    An activation measure is labelled as a distance or a similarity; a similarity's scale
+    runs from 0 to 1 (alike).
 
     Args:
         result: the analysis.
@@ -87,6 +89,7 @@ def heatmap(result: AnalysisResult, family: str, value: str = "rho", ax: "Axes |
         value: ``"rho"`` | ``"residual"`` | ``"null"``.
         ax: where to draw; a new figure when None.
         block: ``(first, last)`` layer (inclusive) to outline.
+        cmap: the colour map; default viridis, dark = alike (reversed for a similarity).
         annot: write each value in its cell; default when at most 12 layers.
         colorbar: add a labelled colour bar.
 
@@ -94,33 +97,42 @@ def heatmap(result: AnalysisResult, family: str, value: str = "rho", ax: "Axes |
         The Axes.
 
     Raises:
+        TypeError: ``result`` is not a result.
         ValueError: unknown ``value`` or ``family``, or a ``block`` outside the result's layers.
     """
+    _check_result(result, "heatmap")
     _check_value(value, result)
     _families(result, [family])
+    sim = direction(result, family) == "similarity"
     m = result.matrix(family, value)
-    vmin, vmax = _color_limits(value, m.to_numpy(dtype=float), _null_top(result, [family]))
+    vmin, vmax = _color_limits(value, m.to_numpy(dtype=float), _null_top(result, [family]), sim)
     ax = _new_axes(ax, (4.6, 3.8))
-    im = _draw_heatmap(ax, m, vmin, vmax, cmap, max(m.shape) <= 12 if annot is None else annot, block,
-                       result.cross_model, _layer_labels(result))
+    im = _draw_heatmap(ax, m, vmin, vmax, _cmap(cmap, sim), max(m.shape) <= 12 if annot is None else annot,
+                       block, result.cross_model, _layer_labels(result))
     star = "" if _invariant(result, family) else " *"
     between = "between the models' layers" if result.cross_model else "between layers"
-    ax.set_title(_title(f"{family}{star}: {VALUE_SHORT[value]} {between}", result), fontsize=10)
+    ax.set_title(_title(f"{family}{star}: {value_short(value, result, family)} {between}", result), fontsize=10)
     if star:
         ax.text(0.0, -0.22, "* not gauge-invariant: compare with care", transform=ax.transAxes,
                 fontsize=7, va="top")
     if colorbar:
         cb = ax.figure.colorbar(im, ax=ax, shrink=0.9)
-        cb.set_label(value_label(value, result), fontsize=8)
+        height = ax.get_position().height * ax.figure.get_figheight() * 0.9
+        cb.set_label(_wrap(value_label(value, result, family), max(height, 2.0), 8), fontsize=8)
     return ax
 
 
-def heatmap_grid(result: AnalysisResult, families: Sequence[str] | None = None, value: str = "rho",
-                 block: tuple[int, int] | None = None, ncols: int = 4, cmap: str = "viridis",
+def heatmap_grid(result: AnalysisResult, families: str | Sequence[str] | None = None, value: str = "rho",
+                 block: tuple[int, int] | None = None, ncols: int = 4, cmap: str | None = None,
                  annot: bool | None = None, fig: "Figure | None" = None) -> np.ndarray:
     """Small multiples of :func:`heatmap`, one per family, on one shared colour scale.
 
+    Activation measures are the exception: a distance and a similarity share no scale, so
+    each panel has its own colour bar, labelled with its measure (dark = alike in both).
+
     Args:
+        families: which families (default all); one name is one family.
+        cmap: the colour map; default viridis, dark = alike (reversed for a similarity).
         fig: draw into this (empty) Figure instead of a new pyplot figure (widgets use this
             to keep figures out of pyplot's global state).
 
@@ -128,16 +140,22 @@ def heatmap_grid(result: AnalysisResult, families: Sequence[str] | None = None, 
         2-D array of Axes (``nrows x ncols``); unused cells are switched off. The Figure is
         ``axes.flat[0].figure``.
     """
+    _check_result(result, "heatmap_grid")
     _check_value(value, result)
     fams = _families(result, families)
     mats = {f: result.matrix(f, value) for f in fams}
-    allvals = np.concatenate([m.to_numpy(dtype=float).ravel() for m in mats.values()])
-    vmin, vmax = _color_limits(value, allvals, _null_top(result, fams))
+    own = space(result) == "activations"  # each measure on its own scale, with its own label
+    sims = {f: direction(result, f) == "similarity" for f in fams}
+    if own:
+        limits = {f: _color_limits(value, m.to_numpy(dtype=float), 0.0, sims[f]) for f, m in mats.items()}
+    else:
+        allvals = np.concatenate([m.to_numpy(dtype=float).ravel() for m in mats.values()])
+        limits = dict.fromkeys(fams, _color_limits(value, allvals, _null_top(result, fams)))
     ncols = max(1, min(ncols, len(fams)))
     nrows = math.ceil(len(fams) / ncols)
     n = max(next(iter(mats.values())).shape)
     size = 2.4 + 0.12 * n
-    figsize = (size * ncols + 1.2, size * nrows + 0.9)
+    figsize = (size * ncols + (1.6 * ncols if own else 1.2), size * nrows + 0.9)
     if fig is None:
         import matplotlib.pyplot as plt
 
@@ -149,19 +167,25 @@ def heatmap_grid(result: AnalysisResult, families: Sequence[str] | None = None, 
     annot = (n <= 8) if annot is None else annot
     im = None
     for ax, fam in zip(axes.flat, fams):
-        im = _draw_heatmap(ax, mats[fam], vmin, vmax, cmap, annot, block, result.cross_model)
+        im = _draw_heatmap(ax, mats[fam], *limits[fam], _cmap(cmap, sims[fam]), annot, block, result.cross_model)
         ax.set_title(fam + ("" if _invariant(result, fam) else " *"), fontsize=10)
         ax.set_xlabel("")
         ax.set_ylabel("")
+        if own:
+            cb = fig.colorbar(im, ax=ax, shrink=0.9)
+            cb.set_label(_wrap(value_label(value, result, fam), 0.9 * size, 8), fontsize=8)
     for ax in list(axes.flat)[len(fams):]:
         ax.set_axis_off()
-    cb = fig.colorbar(im, ax=axes, shrink=min(0.8, 0.35 + 0.15 * nrows))
-    cb.set_label(value_label(value, result), fontsize=9)
+    if not own:
+        shrink = min(0.8, 0.35 + 0.15 * nrows)
+        cb = fig.colorbar(im, ax=axes, shrink=shrink)
+        cb.set_label(_wrap(value_label(value, result), shrink * size * nrows, 9), fontsize=9)
     note = "" if all(_invariant(result, f) for f in fams) else "   (* not gauge-invariant)"
     between = "between the models' layers" if result.cross_model else "between layers"
-    fig.suptitle(_title(f"{VALUE_SHORT[value]} {between}, by family{note}", result), fontsize=11)
+    what = "activation measures" if own else value_short(value, result)
+    note += "   (each on its own colour scale)" if own and len(fams) > 1 else ""
+    fig.suptitle(_title(f"{what} {between}, by family{note}", result), fontsize=11)
     rows, cols = _layer_labels(result)
     fig.supxlabel(cols, fontsize=9)
     fig.supylabel(rows, fontsize=9)
     return axes
-

@@ -9,25 +9,35 @@ import numpy as np
 import pandas as pd
 
 from ..result import AnalysisResult
-from ._common import (KIND_COLORS, METHOD_COLORS, METHOD_NAMES, VALUE_SHORT, _check_value, _context, _families,
-                      _invariant, _new_axes, _title, value_label)
+from ._common import (KIND_COLORS, METHOD_COLORS, METHOD_NAMES, _as_list, _check_result, _check_value, _context,
+                      _families, _invariant, _new_axes, _title, direction, space, value_label, value_short)
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.axes import Axes
 
 
 def _stats(result: AnalysisResult, value: str) -> pd.DataFrame:
-    """Per family: mean/min/max of ``value``, mean null, kind, invariant; first-seen order."""
-    g = result.df.groupby("family", sort=False)
+    """Per family: mean/min/max of ``value``, mean null, kind, invariant; first-seen order.
+
+    Of activation measures the statistics are of the *variation*: a distance as it is, a
+    similarity as 1 − similarity, so that small means alike for both (``similarity`` says
+    which families were turned)."""
+    d = result.df
+    turned = {f for f in result.families if direction(result, f) == "similarity"}
+    sim = d["family"].isin(turned)
+    if turned:
+        d = d.assign(**{value: d[value].where(~sim, 1.0 - d[value])})
+    g = d.groupby("family", sort=False)
     out = g[value].agg(["mean", "min", "max", "count"])
     out["null"] = g["null"].mean()
     out["kind"] = g["kind"].first()
     out["invariant"] = g["invariant"].all()
+    out["similarity"] = [f in turned for f in out.index]
     return out
 
 
 def ranking(result: AnalysisResult, ax: "Axes | None" = None, value: str = "rho",
-            families: Sequence[str] | None = None) -> "Axes":
+            families: str | Sequence[str] | None = None) -> "Axes":
     """Mean ``value`` per family (bar) with min/max over pairs (whisker), ranked from least
     to most variation, top to bottom, like the reference script's table.
 
@@ -35,9 +45,14 @@ def ranking(result: AnalysisResult, ax: "Axes | None" = None, value: str = "rho"
     gauge-invariant (raw norm gains; every family under ``rotation``) are hatched and marked
     with ``*``. For ρ the null (ρ = 1) is drawn as a dashed line.
 
+    Activation measures (``drift.function.activation_similarity``) are a distance
+    (``residual_angle``) and a similarity (``update_cka``): a similarity is drawn and ranked
+    as 1 − similarity, its tick and bar say so, so that "least variation on top" holds for both.
+
     Returns:
         The Axes.
     """
+    _check_result(result, "ranking")
     _check_value(value, result)
     fams = _families(result, families)
     s = _stats(result, value).loc[fams].sort_values("mean")
@@ -54,28 +69,35 @@ def ranking(result: AnalysisResult, ax: "Axes | None" = None, value: str = "rho"
     from matplotlib import patheffects
 
     outline = [patheffects.withStroke(linewidth=2, foreground="#333333")]  # readable on hatching
-    for yi, mean in enumerate(s["mean"]):  # the value inside the bar, clear of whiskers and the null line
-        ax.text(0.01, yi, f"{mean:.3f}", transform=ax.get_yaxis_transform(), va="center",
+    for yi, (mean, sim) in enumerate(zip(s["mean"], s["similarity"])):  # clear of whiskers and the null line
+        text = f"{mean:.3f}" + (f" = 1 − {1.0 - mean:.3f}" if sim else "")
+        ax.text(0.01, yi, text, transform=ax.get_yaxis_transform(), va="center",
                 fontsize=7, color="white", fontweight="bold", path_effects=outline)
-    labels = [f + ("" if inv else " *") for f, inv in zip(s.index, s["invariant"])]
+    labels = [f + ("" if inv else " *") + ("\n(1 − similarity)" if sim else "")
+              for f, inv, sim in zip(s.index, s["invariant"], s["similarity"])]
     ax.set_yticks(y, labels)
     ax.invert_yaxis()  # least variation on top
-    if value == "rho":
-        ax.axvline(1.0, color="black", ls="--", lw=1.0)
-        ax.text(1.0, 1.0, "null\n(ρ = 1)", transform=ax.get_xaxis_transform(), ha="center",
-                va="bottom", fontsize=7)
-    ax.set_xlim(0, max(1.1 if value == "rho" else 0, float(s["max"].max())) * 1.12)
-    ax.set_xlabel(f"mean {value_label(value, result)}\nwhiskers: min–max over "
-                  f"{int(s['count'].max())} layer pairs", fontsize=8)
+    from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
     handles = [Patch(color=c, label=k) for k, c in KIND_COLORS.items() if k in set(s["kind"])]
+    if value == "rho":  # in the legend: above the axes it collides with the two-line title
+        ax.axvline(1.0, color="black", ls="--", lw=1.0)
+        handles.append(Line2D([], [], color="black", ls="--", lw=1.0, label="null (ρ = 1)"))
+    ax.set_xlim(0, max(1.1 if value == "rho" else 0, float(s["max"].max())) * 1.12)
+    whiskers = f"whiskers: min–max over {int(s['count'].max())} layer pairs"
+    if space(result) == "activations":
+        what = "variation"
+        ax.set_xlabel("mean variation (0: alike): a distance as it is, a similarity as 1 − similarity\n"
+                      f"{whiskers}", fontsize=8)
+    else:
+        what = value_short(value, result)
+        ax.set_xlabel(f"mean {value_label(value, result)}\n{whiskers}", fontsize=8)
     if not s["invariant"].all():
         handles.append(Patch(facecolor="#bbbbbb", hatch="///", edgecolor="white",
                              label="* not gauge-invariant"))
     ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    ax.set_title(_title(f"families ranked by mean {VALUE_SHORT[value]} (least variation on top)",
-                        result), fontsize=10, pad=18 if value == "rho" else 6)
+    ax.set_title(_title(f"families ranked by mean {what} (least variation on top)", result), fontsize=10)
     ax.grid(axis="x", alpha=0.3)
     return ax
 
@@ -100,9 +122,8 @@ def compare_methods(results: Mapping[str, AnalysisResult], ax: "Axes | None" = N
     Returns:
         The Axes.
     """
+    _check_methods(results)
     _check_value(value)
-    if not results:
-        raise ValueError("compare_methods needs at least one result")
     if value != "residual":
         for r in results.values():
             _check_value(value, r)
@@ -110,12 +131,12 @@ def compare_methods(results: Mapping[str, AnalysisResult], ax: "Axes | None" = N
     first = results[labels[0]]
     # Rank by the exact method when it is there (the other methods' ranking is not meaningful).
     ref = next((r for r in results.values() if r.method == "exact"), first)
-    fams = _method_families(results, ref, value) if families is None else list(families)
+    fams = _method_families(results, ref, value) if families is None else _as_list(families)
     ax = _new_axes(ax, (min(11.0, 2.5 + 0.25 * len(fams) * len(labels)), 4.2))
     _method_bars(ax, results, fams, value)
     if value == "rho":
         ax.axhline(1.0, color="black", ls="--", lw=1.0, label="null (ρ = 1)")
-    else:
+    elif space(first) == "weights":  # a unit-normalised residual's ceiling; not a tie's damage
         ax.axhline(math.sqrt(2), color="#999999", ls=":", lw=1.0, label="√2: orthogonal, nothing fitted")
     _method_ticks(ax, results, fams, ref)
     ax.set_ylabel(f"mean {value_label(value, first)}", fontsize=8)
@@ -128,10 +149,32 @@ def compare_methods(results: Mapping[str, AnalysisResult], ax: "Axes | None" = N
               bbox_to_anchor=(1.01, 1.0), frameon=False)
     ctx = _context(first)
     meths = " vs ".join(METHOD_NAMES.get(results[lab].method, lab) for lab in labels)
-    ax.set_title(f"{VALUE_SHORT[value]} per family, by method\nmethods: {meths}"
+    ax.set_title(f"{value_short(value, first)} per family, by method\nmethods: {meths}"
                  + (f" — {ctx}" if ctx else ""), fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     return ax
+
+
+def _check_methods(results: Mapping[str, AnalysisResult]) -> None:
+    """A mapping of label -> result, all weight results or all tie results: each an
+    alignment method's, compared with the others on one scale."""
+    if not isinstance(results, Mapping):
+        raise TypeError("compare_methods takes a mapping of label -> result, e.g. {'raw': r0, 'exact': r1}, "
+                        f"not a {type(results).__name__}")
+    if not results:
+        raise ValueError("compare_methods needs at least one result")
+    for label, r in results.items():
+        _check_result(r, f"compare_methods: results[{label!r}]")
+    spaces = {label: space(r) for label, r in results.items()}
+    acts = [label for label, sp in spaces.items() if sp == "activations"]
+    if acts:
+        raise ValueError(f"compare_methods compares alignment methods, and results {acts} are activation "
+                         "measures (drift.function.activation_similarity), which no method made: draw them "
+                         "with ranking or heatmap_grid")
+    if len(set(spaces.values())) > 1:
+        kinds = ", ".join(f"{label!r}: {'tie' if sp == 'tie' else 'weights'}" for label, sp in spaces.items())
+        raise ValueError("compare_methods puts every result on one scale, so they must be all weight results "
+                         f"(drift.analyze) or all tie results (drift.function.tie), not a mix ({kinds})")
 
 
 def _method_families(results: Mapping[str, AnalysisResult], ref: AnalysisResult, value: str) -> list[str]:
