@@ -35,3 +35,8 @@ class LayerIndexError(DriftError, IndexError):
 class ModelMismatchError(DriftError):
     """Two models that cannot be compared layer by layer: a different architecture, or a
     field that decides a layer's shapes or gauge group (the message names it)."""
+
+
+class PlotArgumentError(DriftError, ValueError):
+    """A plot asked of a result that cannot give it (a value it has no null for, families it
+    lacks, a file suffix no backend writes): a ValueError too, as plotting libraries raise."""

@@ -323,6 +323,21 @@ def test_bad_input_is_one_clear_error(kwargs, error, message, empty_file, latin1
     assert "\n" not in str(e.value)
 
 
+def test_numpy_integers_are_counts_too():
+    """n_seq, seq_len, batch_size from numpy (a sweep over np.arange, say) are accepted, and
+    stored as the Python ints they stand for (a result's metadata is JSON)."""
+    import numpy as np
+
+    r = activation_similarity("minilm", layers=[0, 1], n_seq=np.int64(2), seq_len=np.int32(16),
+                              batch_size=np.int64(1), progress=False)
+    assert (r.meta["n_seq"], r.meta["seq_len"], r.meta["batch_size"]) == (2, 16, 1)
+    assert all(type(r.meta[k]) is int for k in ("n_seq", "seq_len", "batch_size"))
+    with pytest.raises(DriftError, match="n_seq must be a positive integer, not 2.5"):
+        activation_similarity("minilm", n_seq=2.5, progress=False)
+    with pytest.raises(DriftError, match="batch_size must be a positive integer"):
+        activation_similarity("minilm", batch_size=np.bool_(True), progress=False)
+
+
 def test_a_checkpoint_without_tokenizer_needs_random_tokens(toy_checkpoint):
     folder, _ = toy_checkpoint("llama")
     with pytest.raises(DriftError, match="no tokenizer in .*tokens='random'") as e:

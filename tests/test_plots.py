@@ -294,6 +294,18 @@ def test_compare_methods_needs_results():
         plots.compare_methods({})
 
 
+def test_a_plot_asked_wrongly_is_a_drift_error():
+    """Plot errors are the user's to fix, like the analysis's: DriftError (one line in the
+    explorer and the CLI, no traceback), and still ValueError for code that catches that."""
+    from drift.errors import DriftError
+
+    for call in (lambda: plots.compare_methods({}), lambda: plots.heatmap(make_result(), "up_proj", value="bogus"),
+                 lambda: plots.ranking(make_result(), families=["no_such_family"])):
+        with pytest.raises(DriftError) as e:
+            call()
+        assert isinstance(e.value, ValueError) and "\n" not in str(e.value)
+
+
 # --------------------------------------------------------------------------- purity
 
 def test_plots_do_not_mutate_or_recompute(three, allp, monkeypatch):

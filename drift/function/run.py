@@ -208,7 +208,7 @@ def activation_similarity(model: str | Path, layers: Iterable[int] | None = None
             (without ``tokens="random"``), an empty or non-UTF-8 text file, sequences longer
             than the model's positions, or any checkpoint problem.
     """
-    check_reading(n_seq, seq_len, batch_size, tokens, text)
+    n_seq, seq_len, batch_size = check_reading(n_seq, seq_len, batch_size, tokens, text)
     if pairs not in ("consecutive", "all"):  # layer_pairs' other choices compare two models
         raise DriftError(f"pairs must be 'consecutive' or 'all', not {pairs!r}")
     seed, tdtype, dev, folder, config, spec, layers = setup(model, layers, seed, dtype, device)

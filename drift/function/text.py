@@ -7,6 +7,7 @@ checkpoint's folder (``local_files_only``, never remote code).
 
 from __future__ import annotations
 
+import operator
 from pathlib import Path
 
 import numpy as np
@@ -112,15 +113,23 @@ def random_tokens(vocab: int, n_seq: int, seq_len: int, seed: int) -> list[list[
     return torch.randint(0, vocab, (n_seq, seq_len), generator=g).tolist()  # (n_seq, seq_len)
 
 
-def check_reading(n_seq, seq_len, batch_size, tokens: str, text) -> None:
-    """The arguments of what a model reads, checked before anything is opened."""
+def check_reading(n_seq, seq_len, batch_size, tokens: str, text) -> tuple[int, int, int]:
+    """The arguments of what a model reads, checked before anything is opened: returns
+    ``(n_seq, seq_len, batch_size)`` as Python ints (numpy's integers are accepted too)."""
+    out = []
     for name, v in (("n_seq", n_seq), ("seq_len", seq_len), ("batch_size", batch_size)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        try:
+            i = None if isinstance(v, (bool, np.bool_)) else operator.index(v)
+        except TypeError:
+            i = None
+        if i is None or i < 1:
             raise DriftError(f"{name} must be a positive integer, not {v!r}")
+        out.append(i)
     if tokens not in ("text", "random"):
         raise DriftError(f"tokens must be 'text' or 'random', not {tokens!r}")
     if tokens == "random" and text is not None:
         raise DriftError("tokens='random' reads no text: give a text file or random tokens, not both")
+    return tuple(out)
 
 
 def reading(folder: Path, model: str, config: dict, text, tokens: str, n_seq: int, seq_len: int,

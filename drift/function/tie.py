@@ -235,7 +235,7 @@ def tie(model: str, family: str | Iterable[str] = "all", layers: Iterable[int] |
     from .run import _batches, _load_model, setup
     from .text import check_reading, reading
 
-    check_reading(n_seq, seq_len, batch_size, tokens, text)
+    n_seq, seq_len, batch_size = check_reading(n_seq, seq_len, batch_size, tokens, text)
     m = get_method(method)
     seed, tdtype, dev, folder, config, spec, layers = setup(model, layers, seed, dtype, device)
     pairs = reference_pairs(layers, reference)

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from ..methods import METHODS
+from ..errors import PlotArgumentError
 from ..result import AnalysisResult
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -70,7 +71,7 @@ def direction(result: AnalysisResult, family: str) -> str:
     if space(result) != "activations":
         return "distance"
     if family not in MEASURES:
-        raise ValueError(f"activation measure {family!r} has no declared direction (distance or similarity) "
+        raise PlotArgumentError(f"activation measure {family!r} has no declared direction (distance or similarity) "
                          f"in drift.plots._common.MEASURES (it knows {', '.join(MEASURES)})")
     return MEASURES[family][0]
 
@@ -112,12 +113,12 @@ SAVE_FORMATS = ("png", "svg", "pdf")
 
 def _check_value(value: str, result: AnalysisResult | None = None) -> None:
     if value not in VALUE_LABELS:
-        raise ValueError(f"value must be one of {', '.join(VALUE_LABELS)}, got {value!r}")
+        raise PlotArgumentError(f"value must be one of {', '.join(VALUE_LABELS)}, got {value!r}")
     if result is not None and value in ("rho", "null") and not result.df[value].notna().any():
         if space(result) == "activations":
-            raise ValueError(f"activation measures have no null, so no {value!r} to plot (nothing is fitted "
+            raise PlotArgumentError(f"activation measures have no null, so no {value!r} to plot (nothing is fitted "
                              "against an unrelated partner): use value='residual'")
-        raise ValueError(f"this result has no null (it was computed with n_null=0), so no {value!r} "
+        raise PlotArgumentError(f"this result has no null (it was computed with n_null=0), so no {value!r} "
                          "to plot: use value='residual', or analyse with n_null >= 1")
 
 
@@ -197,9 +198,9 @@ def _families(result: AnalysisResult, families: str | Sequence[str] | None) -> l
     fams = _as_list(families)
     unknown = [f for f in fams if f not in result.families]
     if unknown:
-        raise ValueError(f"families {unknown} are not in the result (it has {', '.join(result.families)})")
+        raise PlotArgumentError(f"families {unknown} are not in the result (it has {', '.join(result.families)})")
     if not fams:
-        raise ValueError("families is empty")
+        raise PlotArgumentError("families is empty")
     return fams
 
 
@@ -239,7 +240,7 @@ def _pair_label(a: int, b: int) -> str:
 def _consecutive(result: AnalysisResult) -> pd.DataFrame:
     d = result.consecutive().df
     if d.empty:
-        raise ValueError("the result has no consecutive pairs (layer_b == layer_a + 1) to plot along depth")
+        raise PlotArgumentError("the result has no consecutive pairs (layer_b == layer_a + 1) to plot along depth")
     return d
 
 

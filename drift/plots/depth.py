@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+from ..errors import PlotArgumentError
 from ..result import AnalysisResult
 from ._common import (_check_result, _check_value, _consecutive, _families, _family_styles,
                       _model_names, _new_axes, _pair_label, _title, direction, space, value_label)
@@ -31,7 +32,7 @@ def drift_along(result: AnalysisResult, families: str | Sequence[str] | None = N
     """
     _check_result(result, "drift_along")
     if value not in ("rho", "residual"):
-        raise ValueError(f"drift_along shows value 'rho' or 'residual', got {value!r}")
+        raise PlotArgumentError(f"drift_along shows value 'rho' or 'residual', got {value!r}")
     _check_value(value, result)
     return _along(result, _consecutive(result), families, ax, value, _pair_label, "layer pair",
                   "consecutive pairs")
@@ -52,11 +53,11 @@ def diagonal_along(result: AnalysisResult, families: str | Sequence[str] | None 
     """
     _check_result(result, "diagonal_along")
     if value not in ("rho", "residual"):
-        raise ValueError(f"diagonal_along shows value 'rho' or 'residual', got {value!r}")
+        raise PlotArgumentError(f"diagonal_along shows value 'rho' or 'residual', got {value!r}")
     _check_value(value, result)
     d = result.diagonal().df
     if d.empty or not result.cross_model:
-        raise ValueError("the result has no diagonal pairs (layer L of a model against layer L of "
+        raise PlotArgumentError("the result has no diagonal pairs (layer L of a model against layer L of "
                          "another): analyze(model, other=..., pairs='diagonal' or 'all')")
     where = "layer (of {} and of {})".format(*_model_names(result))
     return _along(result, d, families, ax, value, lambda a, b: str(a), where, "diagonal pairs")
@@ -93,7 +94,7 @@ def _along(result: AnalysisResult, d, families, ax, value: str, label, xlabel: s
             ax.plot(x, f["null"], ls="--", lw=1.0, color=st["color"], alpha=0.8)
         drawn += 1
     if drawn == 0:
-        raise ValueError(f"none of the families {fams} has {pairs_text}")
+        raise PlotArgumentError(f"none of the families {fams} has {pairs_text}")
     if value == "rho":
         top = max(1.15, float(np.nanmax(sel["rho"])) * 1.05)
         ax.axhspan(1.0, top, color="#d9d9d9", alpha=0.5, lw=0, zorder=0,

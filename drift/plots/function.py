@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from ..errors import PlotArgumentError
 from ..result import AnalysisResult
 from ..methods import METHODS
 from ._common import (METHOD_NAMES, _check_result, _check_value, _family_styles, _model_name, _new_axes, space,
@@ -52,12 +53,12 @@ def weight_vs_tie(weights: AnalysisResult, tie: AnalysisResult, ax: "Axes | None
     _check_kinds(weights, tie)
     _check_value(value)
     if value in ("rho", "null") and not weights.df[value].notna().any():
-        raise ValueError(f"the weight result has no null (it was computed with n_null=0), so no {value!r} "
+        raise PlotArgumentError(f"the weight result has no null (it was computed with n_null=0), so no {value!r} "
                          "to set against the tie's: use value='residual', or analyse with n_null >= 1")
     _check_value(value, tie)
     t = weight_tie_table(weights, tie, value)
     if t.empty:
-        raise ValueError("the two results share no (family, layer pair): analyse the same block and "
+        raise PlotArgumentError("the two results share no (family, layer pair): analyse the same block and "
                          "families (tie with reference='previous' pairs with consecutive pairs)")
     ax = _new_axes(ax, (6.2, 4.6))
     groups = list(t.groupby("family", sort=False))
@@ -94,12 +95,12 @@ def _check_kinds(weights: AnalysisResult, tie: AnalysisResult) -> None:
             "weights": "a weight result (drift.analyze)"}
     kinds = space(weights), space(tie)
     if kinds[0] == "weights" and weights.method not in METHODS:
-        raise ValueError(f"weight_vs_tie(weights, tie): weights has method {weights.method!r}, not one of "
+        raise PlotArgumentError(f"weight_vs_tie(weights, tie): weights has method {weights.method!r}, not one of "
                          f"{', '.join(METHODS)}: is it a result of drift.analyze?")
     if kinds[0] != "weights":
         swapped = " (are the two swapped?)" if kinds == ("tie", "weights") else ""
-        raise ValueError(f"weight_vs_tie(weights, tie): weights is {what.get(kinds[0], repr(kinds[0]))}, "
+        raise PlotArgumentError(f"weight_vs_tie(weights, tie): weights is {what.get(kinds[0], repr(kinds[0]))}, "
                          f"not a weight result (drift.analyze){swapped}")
     if kinds[1] != "tie":
-        raise ValueError(f"weight_vs_tie(weights, tie): tie is {what.get(kinds[1], repr(kinds[1]))}, "
+        raise PlotArgumentError(f"weight_vs_tie(weights, tie): tie is {what.get(kinds[1], repr(kinds[1]))}, "
                          "not a tie result (drift.function.tie)")

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 import pandas as pd
 
+from ..errors import PlotArgumentError
 from ..result import AnalysisResult
 from ._common import (_check_result, _check_value, _cmap, _color_limits, _families, _invariant, _layer_labels,
                       _new_axes, _null_top, _title, _wrap, direction, space, value_label, value_short)
@@ -62,7 +63,7 @@ def _draw_heatmap(ax: "Axes", m: pd.DataFrame, vmin: float, vmax: float, cmap: s
         rows = [i for i, L in enumerate(layers) if lo <= L <= hi]
         inside = [j for j, L in enumerate(cols) if lo <= L <= hi]
         if not rows or not inside:
-            raise ValueError(f"block {block} contains none of the result's layers {layers}")
+            raise PlotArgumentError(f"block {block} contains none of the result's layers {layers}")
         ax.add_patch(Rectangle((inside[0] - 0.5, rows[0] - 0.5), inside[-1] - inside[0] + 1,
                                rows[-1] - rows[0] + 1, fill=False,
                                edgecolor="crimson", linewidth=2.0, label=f"block {lo}–{hi}"))

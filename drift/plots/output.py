@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 
+from ..errors import PlotArgumentError
 from ..result import AnalysisResult
 from ._common import SAVE_FORMATS, _figure_of
 
@@ -25,7 +26,7 @@ def save(fig_or_ax: Any, path: str | Path, dpi: int = 150) -> Path:
     path = Path(path)
     fmt = path.suffix.lower().lstrip(".")
     if fmt not in SAVE_FORMATS:
-        raise ValueError(f"{path}: cannot save as {path.suffix or 'no suffix'!r}; "
+        raise PlotArgumentError(f"{path}: cannot save as {path.suffix or 'no suffix'!r}; "
                          f"use one of {', '.join('.' + f for f in SAVE_FORMATS)}")
     fig = _figure_of(fig_or_ax)
     path.parent.mkdir(parents=True, exist_ok=True)

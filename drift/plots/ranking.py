@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from ..errors import PlotArgumentError
 from ..result import AnalysisResult
 from ._common import (KIND_COLORS, METHOD_COLORS, METHOD_NAMES, _as_list, _check_result, _check_value, _context,
                       _families, _invariant, _new_axes, _title, direction, space, value_label, value_short)
@@ -162,18 +163,18 @@ def _check_methods(results: Mapping[str, AnalysisResult]) -> None:
         raise TypeError("compare_methods takes a mapping of label -> result, e.g. {'raw': r0, 'exact': r1}, "
                         f"not a {type(results).__name__}")
     if not results:
-        raise ValueError("compare_methods needs at least one result")
+        raise PlotArgumentError("compare_methods needs at least one result")
     for label, r in results.items():
         _check_result(r, f"compare_methods: results[{label!r}]")
     spaces = {label: space(r) for label, r in results.items()}
     acts = [label for label, sp in spaces.items() if sp == "activations"]
     if acts:
-        raise ValueError(f"compare_methods compares alignment methods, and results {acts} are activation "
+        raise PlotArgumentError(f"compare_methods compares alignment methods, and results {acts} are activation "
                          "measures (drift.function.activation_similarity), which no method made: draw them "
                          "with ranking or heatmap_grid")
     if len(set(spaces.values())) > 1:
         kinds = ", ".join(f"{label!r}: {'tie' if sp == 'tie' else 'weights'}" for label, sp in spaces.items())
-        raise ValueError("compare_methods puts every result on one scale, so they must be all weight results "
+        raise PlotArgumentError("compare_methods puts every result on one scale, so they must be all weight results "
                          f"(drift.analyze) or all tie results (drift.function.tie), not a mix ({kinds})")
 
 
