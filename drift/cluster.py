@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -66,9 +67,25 @@ def check_address(address: str) -> None:
     except ValueError as e:
         raise DriftError(f"scheduler {address!r} is not a Dask scheduler address ({e}): give "
                          f"tcp://host:port, e.g. 'tcp://127.0.0.1:8786'") from None
+    if scheme == "inproc":
+        _check_inproc(address)
     if not 0 < port < 1 << 16:
         raise DriftError(f"scheduler {address!r} is not a Dask scheduler address (port {port} is not in "
                          f"1..65535): give tcp://host:port, e.g. 'tcp://127.0.0.1:8786'")
+
+
+def _check_inproc(address: str) -> None:
+    """Dask's in-process addresses read ``inproc://host/pid/n``: they name a scheduler inside
+    this very process (a LocalCluster(processes=False)), so another pid, or another form, is
+    none that drift can reach (Dask's own message would be a failed tuple unpacking)."""
+    parts = address[len("inproc://"):].split("/")
+    pid = parts[1] if len(parts) == 3 else ""
+    if not (pid.isdigit() and parts[2].isdigit()):
+        raise DriftError(f"scheduler {address!r} is not a Dask inproc address (inproc://host/pid/n): give "
+                         f"tcp://host:port, e.g. 'tcp://127.0.0.1:8786', or the Client of an in-process cluster")
+    if int(pid) != os.getpid():
+        raise DriftError(f"scheduler {address!r} is in process {pid}, not this one ({os.getpid()}): an "
+                         f"inproc address is reachable only from its own process; give tcp://host:port")
 
 
 def compare_pairs(scheduler, models: Sequence, m: methods.Method, keys: Sequence[tuple], n_null: int,

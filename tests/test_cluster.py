@@ -183,6 +183,8 @@ def _cli(*args, timeout: float) -> subprocess.CompletedProcess:
     ("tcp://127.0.0.1", ["scheduler 'tcp://127.0.0.1' is not a Dask scheduler address", "missing port"]),
     ("tcp://127.0.0.1:99999", ["port 99999 is not in 1..65535"]),
     ("tls://127.0.0.1:1", ["cannot connect to the Dask scheduler at tls://127.0.0.1:1", "TLS"]),
+    ("inproc://x", ["scheduler 'inproc://x' is not a Dask inproc address (inproc://host/pid/n)"]),
+    ("inproc://127.0.0.1/1/0", ["is in process 1, not this one", "reachable only from its own process"]),
 ])
 def test_a_bad_address_is_one_line_and_the_cli_exits_at_once(address, words, tmp_path):
     """'hello' printed its line, then the half-made Client's __del__ blocked for 60 s and
@@ -193,6 +195,11 @@ def test_a_bad_address_is_one_line_and_the_cli_exits_at_once(address, words, tmp
     for w in words:
         assert w in lines[0]
     assert not (tmp_path / "x.json").exists()
+
+
+def test_an_inproc_address_of_this_process_passes_the_check():
+    """An in-process cluster's own address (inproc://host/<this pid>/n) is left to Dask."""
+    drift_cluster.check_address(f"inproc://127.0.0.1/{os.getpid()}/3")
 
 
 def test_no_scheduler_answering_fails_within_the_connect_timeout(tmp_path):
