@@ -23,6 +23,10 @@ decides the numbers::
                           pull`` or an edit under a running kernel, ``%autoreload``), the
                           process may run either, so the cache is bypassed: neither read
                           nor written, with one warning
+    libraries             the installed versions of the libraries that compute the numbers
+                          (:data:`LIBRARIES`: torch, numpy and scipy; for a run of the model
+                          also transformers and tokenizers): a new release may round, order
+                          a sum or break a tie differently, so its numbers are computed anew
     namespace, inputs     only for a function other than ``drift.analyze`` (:data:`NAMESPACES`):
                           its name, so that two functions never serve each other's results, and
                           what it reads besides the weights and the config (activations: the
@@ -83,6 +87,12 @@ NAMESPACES = {"weights": ("drift.analysis", "analyze"),
 """The functions a cache holds, by namespace (module, name). A key of ``weights`` carries no
 namespace, so that entries written before there were namespaces stay valid; every other key
 names its namespace, so its digest (and file) can never be a weights entry's."""
+
+LIBRARIES = {"weights": ("torch", "numpy", "scipy"),
+             "activations": ("torch", "numpy", "scipy", "transformers", "tokenizers"),
+             "tie": ("torch", "numpy", "scipy", "transformers", "tokenizers")}
+"""The distributions, by namespace, whose installed versions are part of a key: what the
+numbers are computed with (the weights path never runs transformers; a run of the model does)."""
 
 STALE_TMP_S = 3600.0
 """Temporary files older than this are left-overs of interrupted writes and are removed."""
@@ -162,6 +172,27 @@ def _source_digest() -> str:
     return h.hexdigest()[:16]
 
 
+def library_versions(namespace: str = "weights") -> dict[str, str]:
+    """``{distribution: version}`` of :data:`LIBRARIES` for ``namespace``: the version of the
+    module this process has imported (a library upgraded under a running kernel is not
+    imported anew), else the installed metadata (nothing is imported); ``"absent"`` when it
+    is not installed."""
+    import sys
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in LIBRARIES[namespace]:
+        loaded = getattr(sys.modules.get(name), "__version__", None)
+        if loaded is not None:
+            out[name] = str(loaded)
+            continue
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
 def _checksum(payload: Any) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
@@ -236,7 +267,8 @@ class Cache:
     # ---------------------------------------------------------------- keys
     def key(self, model: Any, **kwargs: Any) -> dict[str, Any]:
         """The key of ``analyze(model, **kwargs)``: checkpoint identity, every argument that
-        can change the result (defaults filled in), drift version and code digest.
+        can change the result (defaults filled in), drift version, code digest and the
+        versions of the libraries that compute the numbers.
 
         Raises:
             TypeError: an argument ``analyze`` does not take.
@@ -280,7 +312,7 @@ class Cache:
 
         ckpt = open_(bound.args[0])  # analyze's first argument is the model
         key = {"format": FORMAT, **checkpoint(ckpt), **reader_dtype(bound.args[0]), "args": args,
-               "drift": __version__, "code": code_digest()}
+               "drift": __version__, "code": code_digest(), "libraries": library_versions(self.namespace)}
         if other is not None:
             key["other"] = {**checkpoint(open_(other)), **reader_dtype(other)}
         if self.namespace != "weights":  # a run of the model on text

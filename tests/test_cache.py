@@ -98,6 +98,38 @@ def test_new_drift_version_misses(cache, fake, ckpt, monkeypatch):
     assert not hit and fake.calls == 2
 
 
+@pytest.mark.parametrize("library", ["torch", "numpy", "scipy"])
+def test_a_new_release_of_a_library_that_computes_the_numbers_misses(cache, fake, ckpt, monkeypatch, library):
+    cache.get_or_compute(ckpt)
+    before = dcache.library_versions()
+    assert before[library] not in ("", "absent")
+    monkeypatch.setattr(dcache, "library_versions", lambda namespace="weights": {**before, library: "999.0"})
+    _, hit = cache.get_or_compute(ckpt)
+    assert not hit and fake.calls == 2 and len(cache.entries()) == 2
+
+
+def test_library_versions_are_those_this_process_runs(monkeypatch):
+    import sys
+    import types
+
+    import numpy
+    import torch
+
+    versions = dcache.library_versions()
+    assert versions["torch"] == str(torch.__version__) and versions["numpy"] == numpy.__version__
+    # a module already imported is the one that computes: its version, not what is installed now
+    monkeypatch.setitem(sys.modules, "scipy", types.SimpleNamespace(__version__="0.0-loaded"))
+    assert dcache.library_versions()["scipy"] == "0.0-loaded"
+    # a run of the model also depends on transformers and tokenizers; the weights path does not
+    assert {"transformers", "tokenizers"} <= set(dcache.library_versions("tie"))
+    assert "transformers" not in versions
+
+
+def test_a_library_that_is_not_installed_reads_absent(monkeypatch):
+    monkeypatch.setitem(dcache.LIBRARIES, "weights", ("torch", "no-such-distribution-drift"))
+    assert dcache.library_versions()["no-such-distribution-drift"] == "absent"
+
+
 def test_edited_numerical_code_misses(cache, fake, ckpt, monkeypatch):
     cache.get_or_compute(ckpt)
     monkeypatch.setattr(dcache, "code_digest", lambda: "edited")  # a new process on edited code
