@@ -168,6 +168,18 @@ def test_weight_vs_tie_figure(planted):
     table = plots.function.weight_tie_table(w, t)
     assert len(table) == 4 and set(table.columns) >= {"weight", "tie"}
     assert plots.function.spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    # the numbers drawn, to cite: against scipy's Spearman on the same points
+    from scipy.stats import spearmanr
+
+    corr = plots.weight_tie_correlations(w, t).set_index("family")
+    assert list(corr.index) == ["all", "q_proj", "up_proj"] and corr.loc["all", "n"] == 4
+    assert corr.loc["all", "rank_corr"] == pytest.approx(spearmanr(table["weight"], table["tie"])[0], abs=1e-12)
+    assert corr.loc["q_proj", "rank_corr"] != corr.loc["q_proj", "rank_corr"]  # two points: no correlation claimed
+    assert f"rank correlation {corr.loc['all', 'rank_corr']:+.2f} over 4 points" in ax.get_title()
+    from drift.errors import PlotArgumentError
+
+    with pytest.raises(PlotArgumentError, match="are the two swapped"):
+        plots.weight_tie_correlations(t, w)
     import matplotlib.pyplot as plt
 
     plt.close(ax.figure)  # later tests check that pyplot holds no figure

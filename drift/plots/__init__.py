@@ -21,7 +21,7 @@ means something next to the method's own null (gauge-spec §5)::
 ``compare_methods``  one bar per method and family; with ``value="residual"`` each bar
                      carries its own null, so an over-fitting method shows a low null (.ranking)
 ``weight_vs_tie``    weight ρ against the tie test's damage per (family, pair), with
-                     rank correlations (.function)
+                     rank correlations (.function; the numbers: ``weight_tie_correlations``)
 ``save``, ``export_csv``                                                     (.output)
 
 matplotlib is imported inside the functions, so ``import drift.plots`` stays cheap and
@@ -32,11 +32,11 @@ from __future__ import annotations
 
 from ._common import KIND_COLORS, METHOD_COLORS, METHOD_NAMES, SAVE_FORMATS, VALUE_LABELS, VALUE_SHORT
 from .depth import diagonal_along, drift_along
-from .function import weight_vs_tie
+from .function import weight_tie_correlations, weight_vs_tie
 from .heatmaps import heatmap, heatmap_grid
 from .output import export_csv, save
 from .ranking import compare_methods, ranking
 
 __all__ = ["KIND_COLORS", "METHOD_COLORS", "METHOD_NAMES", "SAVE_FORMATS", "VALUE_LABELS", "VALUE_SHORT",
            "compare_methods", "diagonal_along", "drift_along", "export_csv", "heatmap", "heatmap_grid",
-           "ranking", "save", "weight_vs_tie"]
+           "ranking", "save", "weight_tie_correlations", "weight_vs_tie"]

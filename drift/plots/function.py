@@ -34,11 +34,39 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.corrcoef(rx, ry)[0, 1])
 
 
+def weight_tie_correlations(weights: AnalysisResult, tie: AnalysisResult, value: str = "rho") -> pd.DataFrame:
+    """The numbers :func:`weight_vs_tie` draws, to cite: Spearman's rank correlation between
+    the weight view's ``value`` and the tie test's over every (family, layer pair) in both
+    (row ``family="all"``, first), then per family, with the number of points (``n``) each
+    rests on. NaN below three points. Checked as :func:`weight_vs_tie` checks its arguments."""
+    t = _paired(weights, tie, value)
+    rows = [("all", len(t), spearman(t["weight"].to_numpy(), t["tie"].to_numpy()))]
+    rows += [(fam, len(g), spearman(g["weight"].to_numpy(), g["tie"].to_numpy()))
+             for fam, g in t.groupby("family", sort=False)]
+    return pd.DataFrame(rows, columns=["family", "n", "rank_corr"])
+
+
+def _paired(weights: AnalysisResult, tie: AnalysisResult, value: str) -> pd.DataFrame:
+    """:func:`weight_tie_table` of two checked results, refused in one line when empty."""
+    _check_kinds(weights, tie)
+    _check_value(value)
+    if value in ("rho", "null") and not weights.df[value].notna().any():
+        raise PlotArgumentError(f"the weight result has no null (it was computed with n_null=0), so no {value!r} "
+                         "to set against the tie's: use value='residual', or analyse with n_null >= 1")
+    _check_value(value, tie)
+    t = weight_tie_table(weights, tie, value)
+    if t.empty:
+        raise PlotArgumentError("the two results share no (family, layer pair): analyse the same block and "
+                         "families (tie with reference='previous' pairs with consecutive pairs)")
+    return t
+
+
 def weight_vs_tie(weights: AnalysisResult, tie: AnalysisResult, ax: "Axes | None" = None,
                   value: str = "rho") -> "Axes":
     """Each (family, pair): its weight-space ``value`` (x) against the damage of tying that
     family across the pair (y, same ``value``: ρ = damage / null tie by default), one colour
-    per family, with the rank correlation over all points and per family in the legend.
+    per family, with the rank correlation over all points and per family in the legend
+    (the numbers: :func:`weight_tie_correlations`).
 
     Does a family that looks alike in weight space also tie without harm? Points near the
     origin are both; points low on x but high on y look alike but are not interchangeable.
@@ -50,25 +78,17 @@ def weight_vs_tie(weights: AnalysisResult, tie: AnalysisResult, ax: "Axes | None
             ``value``; ρ or the null asked of a weight result computed without a null; no
             (family, pair) in both.
     """
-    _check_kinds(weights, tie)
-    _check_value(value)
-    if value in ("rho", "null") and not weights.df[value].notna().any():
-        raise PlotArgumentError(f"the weight result has no null (it was computed with n_null=0), so no {value!r} "
-                         "to set against the tie's: use value='residual', or analyse with n_null >= 1")
-    _check_value(value, tie)
-    t = weight_tie_table(weights, tie, value)
-    if t.empty:
-        raise PlotArgumentError("the two results share no (family, layer pair): analyse the same block and "
-                         "families (tie with reference='previous' pairs with consecutive pairs)")
+    t = _paired(weights, tie, value)
+    corr = weight_tie_correlations(weights, tie, value).set_index("family")["rank_corr"]
     ax = _new_axes(ax, (6.2, 4.6))
     groups = list(t.groupby("family", sort=False))
     styles = _family_styles([fam for fam, _ in groups])  # past ten families: another marker
     for fam, g in groups:
-        r = spearman(g["weight"].to_numpy(), g["tie"].to_numpy())
+        r = corr[fam]
         label = fam if np.isnan(r) else f"{fam} (rank corr. {r:+.2f})"
         ax.scatter(g["weight"], g["tie"], s=28, color=styles[fam]["color"], marker=styles[fam]["marker"],
                    label=label, alpha=0.85)
-    r_all = spearman(t["weight"].to_numpy(), t["tie"].to_numpy())
+    r_all = corr["all"]
     if value == "rho":
         ax.axhline(1.0, color="black", ls="--", lw=0.8)
         ax.axvline(1.0, color="black", ls="--", lw=0.8)
