@@ -121,6 +121,10 @@ def resolve_model(model: str | Path) -> Path:
         ModelNotFoundError: nothing local matches; the message says what was tried.
     """
     s = str(model)
+    if not s.strip():  # Path("") is the current folder: an empty --model is a mistake, not "."
+        raise ModelNotFoundError(f"the model is {s!r}, an empty name: give a checkpoint folder, a cached "
+                                 f"org/name, or a bundled name ({', '.join([*BUNDLED, TINY_QWEN3])}); "
+                                 "for the current folder say '.'")
     tiny = _bundled_tiny(s)
     if tiny is not None:
         return tiny

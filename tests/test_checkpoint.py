@@ -79,6 +79,19 @@ def test_missing_path(tmp_path):
         Checkpoint.open(tmp_path / "nope")
 
 
+@pytest.mark.parametrize("name", ["", "  "])
+def test_an_empty_model_name_is_refused_not_read_as_the_current_folder(name, tmp_path, monkeypatch):
+    from drift.cli import main
+
+    toy = tmp_path / "here"
+    toy.mkdir()
+    (toy / "config.json").write_text("{}")  # a folder that would be opened if "" meant "."
+    monkeypatch.chdir(toy)
+    with _raises(ModelNotFoundError, "an empty name.*for the current folder say '.'"):
+        Checkpoint.open(name)
+    assert main(["analyze", "--model", name]) == 2
+
+
 def test_path_to_a_file(tmp_path):
     f = tmp_path / "model.safetensors"
     f.write_bytes(b"")
