@@ -55,15 +55,20 @@ class BlockCost:
     in torch: :func:`lap_submit` writes the blocks, as the float64 matrix scipy wants, to a
     file that a worker maps, or into one numpy array when it solves in this process."""
 
-    def __init__(self, shape: tuple[int, int], block, rows_per_block: int = 512):
+    def __init__(self, shape: tuple[int, int], block, rows_per_block: int = 512, parts=None):
         self.shape = (int(shape[0]), int(shape[1]))
         self.block = block
         self.rows_per_block = rows_per_block
+        # parts(r0, r1) -> (the block, [its terms]): the certified path makes the blocks with it,
+        # keeps the terms at the candidates and leaves (S, terms) at the answer in ``matched``
+        # (None where an answer's entry was no first candidate)
+        self.parts = parts
+        self.matched = None
         self.certificate = None  # a drift.certified.Certificate, once solved by the certified path
 
     def release(self) -> None:
         """Let go of what the blocks read (the layers' forms), once every block is made."""
-        self.block = None
+        self.block = self.parts = None
 
     def blocks(self, sign: float = 1.0):
         """(r0, r1, float64 numpy block times ``sign``), in row order."""
@@ -266,7 +271,8 @@ def solve(cost: np.ndarray | Tensor | BlockCost, maximize: bool = False) -> np.n
         if maximize and n == m and n >= CERTIFIED_MIN_SIZE:
             from .certified import certified_similarity
 
-            sigma, cost.certificate = certified_similarity(n, cost.block, rows_per_block=cost.rows_per_block)
+            sigma, cost.certificate, cost.matched = certified_similarity(
+                n, cost.block, rows_per_block=cost.rows_per_block, parts=cost.parts, matched=True)
         else:
             sigma = _lap_centred(cost.dense(-1.0 if maximize else 1.0))
         cost.release()

@@ -124,18 +124,21 @@ class _TorchSimilarity:
     way σ, the rounds and the violators are those of the float32 S; the smallest reduced cost
     is a bound for the cleared entries, so the gap bound may read up to n·tol higher."""
 
-    def __init__(self, n: int, block, k: int, rows_per_block: int, held=None):
+    def __init__(self, n: int, block, k: int, rows_per_block: int, held=None, parts=None):
         import torch
 
-        self.n, self.rows, self.k, self.block = n, rows_per_block, min(k, n), block
+        self.n, self.rows, self.k = n, rows_per_block, min(k, n)
+        # blocks made again come from the function that made the first pass: the same values
+        self.block = block if parts is None else (lambda r0, r1: parts(r0, r1)[0])
         self.held = torch.float16 if held is None else held
         self.S = None
         self.sc, self.mag, self.err = [], [], []  # per block of rows: its scale, max |S|, the held values' error
         self.scale = 1e-300  # max |S|, taken block by block (S.abs() would be a second S)
         self.remade = 0  # blocks made again by the scans
-        top_v, top_i = [], []
+        top_v, top_i, top_t = [], [], []
         for r0 in range(0, n, rows_per_block):
-            b = block(r0, min(n, r0 + rows_per_block))
+            r1 = min(n, r0 + rows_per_block)
+            b, terms = (block(r0, r1), None) if parts is None else parts(r0, r1)
             if self.S is None:
                 self.S = torch.empty((n, n), dtype=self.held, device=b.device)
             big = max(float(b.max()), -float(b.min()), 1e-300)
@@ -146,6 +149,9 @@ class _TorchSimilarity:
             v, i = torch.topk(b, self.k, dim=1, sorted=False)
             top_v.append(v)
             top_i.append(i)
+            if terms is not None:  # (rows, k, terms): each candidate's terms, for matched()
+                top_t.append(torch.stack([t.gather(1, i) for t in terms], dim=-1))
+            del terms  # (b's own values are kept: top_v)
             # a power of two (no rounding in the division, nor in float32), quotients below 2:
             # no overflow, float16's relative precision down to 2⁻¹⁴, rounding within sc·2⁻¹¹
             if self.held == torch.float32:
@@ -160,6 +166,21 @@ class _TorchSimilarity:
             self.S[r0:r0 + len(b)] = b if sc == 1.0 else b / sc
             del b
         self._top = torch.cat(top_v), torch.cat(top_i)
+        self._terms = torch.cat(top_t) if top_t else None
+
+    def matched(self, sigma: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """``(S[i, σ(i)], the terms of parts there)``, float64 ((n,), (n, terms)), or None when
+        one of those entries is not among the first candidates (it joined later)."""
+        import torch
+
+        if self._terms is None:
+            return None
+        idx = self._top[1]
+        hit = idx == torch.as_tensor(sigma, device=idx.device)[:, None]  # (n, k): at most one per row
+        if not bool(hit.any(dim=1).all()):
+            return None
+        rows, pos = torch.arange(self.n, device=idx.device), hit.to(torch.uint8).argmax(dim=1)
+        return self._top[0][rows, pos].cpu().double().numpy(), self._terms[rows, pos].cpu().double().numpy()
 
     def candidates(self, k: int):
         """The top ``k`` kept per row as S was made (``k`` is the one it was made with)."""
@@ -389,15 +410,21 @@ def certified_lap(C: np.ndarray, k: int | None = None, max_rounds: int = 4,
 
 
 def certified_similarity(n: int, block, k: int | None = None, max_rounds: int = 4, rtol: float = 1e-12,
-                         rows_per_block: int = 512, held=None) -> tuple[np.ndarray, Certificate]:
+                         rows_per_block: int = 512, held=None, parts=None, matched: bool = False):
     """σ *maximising* Σ_i S[i, σ(i)] for a square similarity made in blocks of rows by
     ``block(r0, r1) -> float32 tensor`` (on any device), and its certificate (for the cost −S).
     ``held``: the precision S is kept in between its scans (default ``torch.float16``, half
     the memory; ``torch.float32`` keeps the blocks' values). The answer does not depend on it:
     entries that float16 cannot settle are made again in float32 (the gap bound may read up to
-    n·tol higher). ``block`` must give the same values when called again for the same rows."""
+    n·tol higher). ``block`` must give the same values when called again for the same rows.
+
+    ``parts(r0, r1) -> (block, [terms])``, if given, makes the blocks instead (the block of S
+    rows r0:r1 as ``block`` would make it, up to rounding, and tensors of its shape, e.g.
+    partial sums of S), and the terms are kept at the candidates; with ``matched=True``
+    the return is ``(σ, certificate, matched)``: ``(S[i, σ(i)], the terms there)``, float64
+    ((n,), (n, terms)), or None when an answer's entry was not a first candidate."""
     k = min(start_k(n) if k is None else k, n)
-    source = _TorchSimilarity(n, block, k, rows_per_block, held)
+    source = _TorchSimilarity(n, block, k, rows_per_block, held, parts)
     sigma, cert = _certify(source, n, k, max_rounds, rtol)
     cert.remade_blocks = source.remade
-    return sigma, cert
+    return (sigma, cert, source.matched(sigma)) if matched else (sigma, cert)

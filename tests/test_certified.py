@@ -241,8 +241,13 @@ def _compare_paths(model, monkeypatch):
         assert a["assignments"] - a["dense_fallbacks"] >= 10, a
     else:  # MiniLM's MLP units share a direction: hub columns top every row, the candidates miss, dense decides
         assert a["dense_fallbacks"] > 0, a
-    for col in ("residual", "null"):
-        np.testing.assert_allclose(cert.df[col], dense.df[col], rtol=1e-12, atol=0)
+    np.testing.assert_allclose(cert.df["residual"], dense.df["residual"], rtol=1e-12, atol=0)
+    # For a null partner the certified path takes the MLP residuals from the similarity's own
+    # float32 terms at the matched entries (exact._mlp_residuals_matched); the dense path
+    # differences the units. Heads and gains are the same arithmetic on both paths.
+    mlp = cert.df["family"].isin(["gate_proj", "up_proj", "down_proj"]).to_numpy()
+    np.testing.assert_allclose(cert.df["null"][~mlp], dense.df["null"][~mlp], rtol=1e-12, atol=0)
+    np.testing.assert_allclose(cert.df["null"][mlp], dense.df["null"][mlp], rtol=1e-6, atol=0)
 
 
 def test_a_planted_unit_permutation_is_recovered_by_the_certified_path(monkeypatch):
@@ -266,8 +271,63 @@ def test_a_planted_unit_permutation_is_recovered_by_the_certified_path(monkeypat
     out = methods.run(c)
     assert c.certificate is not None and c.certificate.rounds == 1 and c.certificate.certified
     assert np.array_equal(c.mlp_perm, perm.numpy())
+    assert not c.mlp_from_terms  # a near copy: ‖a‖² + ‖b‖² − 2⟨a, b⟩ would cancel, so the units are differenced
     for f in ("gate_proj", "up_proj", "down_proj"):
         assert out[f] < 1e-6, (f, out[f])
+
+
+@pytest.mark.parametrize("model", ["tiny-qwen3", "gpt2"])
+@pytest.mark.parametrize("null", [False, True])
+def test_mlp_residuals_from_the_matched_terms_equal_the_differenced_ones(monkeypatch, toy_checkpoint, model, null):
+    """For a null partner the certified path keeps the terms of S (⟨u_b, u_a⟩, and
+    ⟨u_b, u_a⟩ + ⟨d_b, d_a⟩) at every candidate; the MLP residuals of the answer then need no
+    second pass over the units (nor the null's rotation again). Either way they equal the
+    residuals of the units differenced on the same assignment (numpy, float64), and the GLU
+    signs equal the differenced ones. tiny-qwen3: trained GLU units; gpt2: a random plain MLP
+    (S = ⟨u_b, u_a⟩ + ⟨d_b, d_a⟩, no signs)."""
+    import torch
+
+    from drift import assign, methods
+    from drift.canonical import open_layers
+
+    monkeypatch.setattr(assign, "CERTIFIED_MIN_SIZE", 64)
+    m = methods.get("exact")
+    reader = open_layers(model if model == "tiny-qwen3" else str(toy_checkpoint(model)[0]))
+    fa, fb = m.form(reader.read(1)), m.form(reader.read(2))
+    glu = fa.G is not None
+    if null:  # B's residual stream rotated, applied lazily as the blocks read it
+        gen = torch.Generator().manual_seed(5)
+        R = torch.linalg.qr(torch.randn(fa.H, fa.H, generator=gen, dtype=torch.float64))[0].float()
+        fb = m.null_partner(fb, R, gen)
+        assert fb.mlp_rot is not None
+    Ub, Db = fb.U.double().numpy().copy(), fb.D.double().numpy().copy()
+    Gb = fb.G.double().numpy().copy() if glu else None
+    if null:
+        Rn = fb.mlp_rot.double().numpy()
+        Ub[:, :fb.H], Db = Ub[:, :fb.H] @ Rn.T, Rn @ Db
+        if glu:
+            Gb[:, :fb.H] = Gb[:, :fb.H] @ Rn.T
+    c = m.compare(fa, fb)
+    out = methods.run(c)
+    # kept only for a lazily rotated B, where a second pass would rotate B's units again
+    assert c.mlp_from_terms == null and c.certificate is not None
+    # (gpt2's 128 random units: some column tops a quarter of the rows, so the dense solver
+    # decides; the first candidates still hold every matched entry)
+    assert c.certificate.certified or model == "gpt2"
+    sigma, sign = c.mlp_perm, c.mlp_sign
+    Ua, Da = fa.U.double().numpy(), fa.D.double().numpy()
+    if glu:
+        want_sign = np.sign((Ua[sigma] * Ub).sum(1) + (Da[:, sigma] * Db).sum(0))
+        assert np.array_equal(sign, np.where(want_sign == 0, 1.0, want_sign))
+    else:
+        assert (sign == 1).all()
+    want = {"up_proj": np.linalg.norm(Ua[sigma] * sign[:, None] - Ub),
+            "down_proj": np.linalg.norm(Da[:, sigma] * sign[None, :] - Db)}
+    if glu:
+        want["gate_proj"] = np.linalg.norm(fa.G.double().numpy()[sigma] - Gb)
+    assert set(want) == {k for k in out if k in ("gate_proj", "up_proj", "down_proj")}
+    for f, v in want.items():
+        assert out[f] == pytest.approx(v, rel=1e-6), (f, out[f], v)
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -282,3 +342,34 @@ def test_the_dense_solver_on_column_centred_costs_keeps_the_optimum(seed):
     sigma = _lap_centred(C.copy())
     assert sorted(sigma.tolist()) == list(range(300))
     assert C[np.arange(300), sigma].sum() == pytest.approx(C[r, c].sum(), rel=1e-12)
+
+
+def test_the_terms_at_the_answer_are_those_of_parts_or_none_when_one_was_no_first_candidate():
+    """certified_similarity(parts=...) keeps each candidate's terms; at the answer they are the
+    parts' own values there, and None when an answer's entry joined the candidates later."""
+    import torch
+
+    from drift.certified import certified_similarity
+
+    gen = torch.Generator().manual_seed(7)
+    n = 300
+    P1, P2 = torch.randn(n, n, generator=gen), torch.randn(n, n, generator=gen)
+
+    def parts(r0, r1):
+        return P1[r0:r1] + P2[r0:r1], [P1[r0:r1], P2[r0:r1]]
+
+    def block(r0, r1):
+        return parts(r0, r1)[0]
+
+    best = linear_sum_assignment((P1 + P2).double().numpy(), maximize=True)[1]
+    sigma, cert, got = certified_similarity(n, block, k=n, parts=parts, matched=True, rows_per_block=64)
+    assert np.array_equal(sigma, best)
+    S_at, terms = got
+    rows = np.arange(n)
+    assert np.array_equal(S_at, (P1 + P2).double().numpy()[rows, sigma])
+    assert np.array_equal(terms, np.stack([P1.double().numpy()[rows, sigma], P2.double().numpy()[rows, sigma]], 1))
+    # two candidates a row: the optimum needs entries found only later (or by the dense solver)
+    sigma2, cert2, got2 = certified_similarity(n, block, k=2, parts=parts, matched=True, rows_per_block=64)
+    assert np.array_equal(sigma2, best)
+    top2 = torch.topk(P1 + P2, 2, dim=1).indices.numpy()
+    assert not all(sigma2[i] in top2[i] for i in range(n)) and got2 is None
