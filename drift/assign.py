@@ -60,8 +60,8 @@ class BlockCost:
         self.block = block
         self.rows_per_block = rows_per_block
         # parts(r0, r1) -> (the block, [its terms]): the certified path makes the blocks with it,
-        # keeps the terms at the candidates and leaves (S, terms) at the answer in ``matched``
-        # (None where an answer's entry was no first candidate)
+        # keeps the terms at the candidates and leaves (σ, S, terms) at its answer σ in
+        # ``matched`` (None where an answer's entry was no first candidate)
         self.parts = parts
         self.matched = None
         self.certificate = None  # a drift.certified.Certificate, once solved by the certified path
@@ -271,8 +271,9 @@ def solve(cost: np.ndarray | Tensor | BlockCost, maximize: bool = False) -> np.n
         if maximize and n == m and n >= CERTIFIED_MIN_SIZE:
             from .certified import certified_similarity
 
-            sigma, cost.certificate, cost.matched = certified_similarity(
+            sigma, cost.certificate, at = certified_similarity(
                 n, cost.block, rows_per_block=cost.rows_per_block, parts=cost.parts, matched=True)
+            cost.matched = None if at is None else (sigma.copy(), *at)  # the answer the terms belong to
         else:
             sigma = _lap_centred(cost.dense(-1.0 if maximize else 1.0))
         cost.release()

@@ -366,8 +366,10 @@ class ExactComparison:
 
     def finish(self, sigma: np.ndarray) -> dict[str, float]:
         glu = self.fa.sym.is_glu
-        at = getattr(self._cost, "matched", None)  # (S, the kept terms) at the answer: certified path
-        fast = None if at is None else _mlp_residuals_matched(self.fa, self.fb, _unit_terms(*at, glu), glu)
+        at = getattr(self._cost, "matched", None)  # (σ, S, the kept terms) at the certified path's answer
+        fast = None
+        if at is not None and np.array_equal(at[0], sigma):  # the terms are of this answer, not another's
+            fast = _mlp_residuals_matched(self.fa, self.fb, _unit_terms(at[1], at[2], glu), glu)
         sign, mlp = fast if fast is not None else _mlp_residuals(self.fa, self.fb, sigma, glu)
         self.mlp_from_terms = fast is not None
         self.mlp_perm, self.mlp_sign = sigma, sign.cpu().numpy()
