@@ -39,7 +39,10 @@ def weight_tie_correlations(weights: AnalysisResult, tie: AnalysisResult, value:
     the weight view's ``value`` and the tie test's over every (family, layer pair) in both
     (row ``family="all"``, first), then per family, with the number of points (``n``) each
     rests on. NaN below three points. Checked as :func:`weight_vs_tie` checks its arguments."""
-    t = _paired(weights, tie, value)
+    return _correlations(_paired(weights, tie, value))
+
+
+def _correlations(t: pd.DataFrame) -> pd.DataFrame:
     rows = [("all", len(t), spearman(t["weight"].to_numpy(), t["tie"].to_numpy()))]
     rows += [(fam, len(g), spearman(g["weight"].to_numpy(), g["tie"].to_numpy()))
              for fam, g in t.groupby("family", sort=False)]
@@ -79,7 +82,7 @@ def weight_vs_tie(weights: AnalysisResult, tie: AnalysisResult, ax: "Axes | None
             (family, pair) in both.
     """
     t = _paired(weights, tie, value)
-    corr = weight_tie_correlations(weights, tie, value).set_index("family")["rank_corr"]
+    corr = _correlations(t).set_index("family")["rank_corr"]
     ax = _new_axes(ax, (6.2, 4.6))
     groups = list(t.groupby("family", sort=False))
     styles = _family_styles([fam for fam, _ in groups])  # past ten families: another marker
