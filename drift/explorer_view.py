@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from . import plots
+from .plots._common import space
 from .result import AnalysisResult
 
 RENDER_MEMORY = 8
@@ -54,7 +55,7 @@ def render(result: AnalysisResult, families: Sequence[str] | None = None,
     name, along, rows = (("diagonal_along", plots.diagonal_along, result.diagonal()) if result.cross_model
                          else ("drift_along", plots.drift_along, result.consecutive()))
     # (value, families) of each panel: a distance and a similarity never share one y axis.
-    panels = ([("residual", [f]) for f in fams] if plots._common.space(result) == "activations"
+    panels = ([("residual", [f]) for f in fams] if space(result) == "activations"
               else [(v, fams) for v in values])
     if not rows.df.empty:
         # One above the other: side by side, the figure is scaled down to the notebook's

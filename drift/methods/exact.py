@@ -256,7 +256,8 @@ def _mlp_residuals_matched(fa: Form, fb: Form, terms: np.ndarray,
         sign[sign == 0] = 1.0
     else:
         sign = np.ones(len(terms))
-    names = [("up_proj", "U", 0), ("down_proj", "D", 1)] + ([("gate_proj", "G", 2)] if fa.G is not None else [])
+    # in _mlp_residuals' order
+    names = ([("gate_proj", "G", 2)] if glu else []) + [("up_proj", "U", 0), ("down_proj", "D", 1)]
     out = {}
     for name, m, t in names:
         na, nb = (float(fro(getattr(f, m))) ** 2 for f in (fa, fb))
@@ -265,8 +266,7 @@ def _mlp_residuals_matched(fa: Form, fb: Form, terms: np.ndarray,
         if not sq >= MATCHED_MIN_RESIDUAL * (na + nb):
             return None
         out[name] = sq ** 0.5
-    order = [k for k in ("gate_proj", "up_proj", "down_proj") if k in out]  # as _mlp_residuals gives them
-    return torch.as_tensor(sign, dtype=fa.U.dtype), {k: out[k] for k in order}
+    return torch.as_tensor(sign, dtype=fa.U.dtype), out
 
 
 def _mlp_residuals(fa: Form, fb: Form, sigma: np.ndarray, glu: bool,
