@@ -7,7 +7,7 @@ rotary fraction, q/k-norm, GLU or plain MLP). The symmetry description of a laye
 (:class:`drift.canonical.LayerSymmetry`) is *derived* from this entry and the config; it is
 never written a second time.
 
-Adding an architecture = one entry here + a tiny fixture in ``tests/conftest.py``.
+Adding an architecture = one entry here + one entry in ``drift.toy.TOY_CONFIGS``.
 
 Tensor names are templates relative to the layer prefix, e.g. ``self_attn.q_proj``; the
 loader appends ``.weight`` / ``.bias``. The layer prefix is ``root + layers.format(i=i)``,
