@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The GPU benchmark, as one command for a lent H100/H200 machine (see benchmarks/README.md):
 #   0. one float32 and one bfloat16 (9728×2560)·(2560×9728) product on the device (the yardstick);
-#   1. CPU vs device agreement of `drift analyze` on a 0.6B-shaped 3-layer checkpoint;
+#   1. CPU vs device agreement of `drift analyze` on a 0.6B-shaped 3-layer checkpoint, then
+#      the certified path's sparse rounds from 16 threads, in the threads or in worker processes
+#      (benchmarks/bench_rounds.py, CPU only; SKIP_ROUNDS=1 skips it);
 #   2. all 35 consecutive pairs of a 36-layer Qwen3-4B-shaped checkpoint (exact, default null);
 #   3. a profile of the driving thread over 7 consecutive pairs (cProfile: where the driving
 #      thread waits on the assignments' threads; SKIP_PROFILE=1 skips it);
@@ -63,6 +65,8 @@ for key in ("family_residuals", "null_residuals"):
         worst = max(worst, float(np.nanmax(np.abs(x - y), initial=0.0)))
 print(f"cpu vs device: max |difference| over residuals and nulls = {worst:.2e}")
 PY
+log "sparse rounds from 16 threads: in the threads vs in worker processes (CPU only)"
+[[ -n "${SKIP_ROUNDS:-}" ]] || $PY benchmarks/bench_rounds.py --threads 16 --problems 16 --repeat 1 | tee -a "$OUT/timings.txt"
 log "build $SHAPE x$NL"; CK=$($PY benchmarks/synth.py --shape "$SHAPE" --layers "$NL" | tail -1)
 log "consecutive 0..$((NL - 1)) ($((NL - 1)) pairs)"
 measure cons --model "$CK" --device "$DEV" --block-start 0 --block-end $((NL - 1))

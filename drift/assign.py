@@ -262,17 +262,20 @@ CERTIFIED_MIN_SIZE = 2048
 (sparse candidates and an optimality certificate) where they are made, not by the dense solver."""
 
 
-def solve(cost: np.ndarray | Tensor | BlockCost, maximize: bool = False) -> np.ndarray:
+def solve(cost: np.ndarray | Tensor | BlockCost, maximize: bool = False, solve_round=None) -> np.ndarray:
     """:func:`lap` in this process, whatever pool is active. A large square :class:`BlockCost`
     to maximise is solved by the certified sparse path on its own device, and keeps its
-    certificate (``cost.certificate``); the dense solver's answers carry none (scipy's is exact)."""
+    certificate (``cost.certificate``); the dense solver's answers carry none (scipy's is exact).
+    ``solve_round``: what solves the certified path's sparse rounds
+    (:func:`drift.certified.certified_similarity`)."""
     if isinstance(cost, BlockCost):
         n, m = cost.shape
         if maximize and n == m and n >= CERTIFIED_MIN_SIZE:
             from .certified import certified_similarity
 
             sigma, cost.certificate, at = certified_similarity(
-                n, cost.block, rows_per_block=cost.rows_per_block, parts=cost.parts, matched=True)
+                n, cost.block, rows_per_block=cost.rows_per_block, parts=cost.parts, matched=True,
+                solve_round=solve_round)
             cost.matched = None if at is None else (sigma.copy(), *at)  # the answer the terms belong to
         else:
             sigma = _lap_centred(cost.dense(-1.0 if maximize else 1.0))

@@ -306,6 +306,22 @@ def _sparse_solve(n: int, rows: np.ndarray, cols: np.ndarray, w: np.ndarray) -> 
     return sigma
 
 
+def sparse_round(n: int, rows: np.ndarray, cols: np.ndarray,
+                 w: np.ndarray) -> tuple[np.ndarray | None, tuple[np.ndarray, np.ndarray] | None]:
+    """One round's sparse problem: σ on the candidates and its potentials (u, v); σ None
+    without a full matching, the potentials None when σ is not optimal on its candidates (the
+    sparse solver lost precision). What a round does on the CPU, as one function that an
+    executor can run in another process (:class:`drift.schedule.DeviceThreads`: scipy's sparse
+    matching holds the GIL)."""
+    sigma = _sparse_solve(n, rows, cols, w)
+    if sigma is None:
+        return None, None
+    try:
+        return sigma, _duals(sigma, rows, cols, w)
+    except ArithmeticError:
+        return sigma, None
+
+
 def _duals(sigma: np.ndarray, rows: np.ndarray, cols: np.ndarray,
            w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Potentials (u, v) tight on σ and feasible on the candidates (see the module docstring).
@@ -353,21 +369,22 @@ def _hubs(cols: np.ndarray, n: int) -> bool:
     return n > 8 and (degree.min() == 0 or degree.max() > n / 4)
 
 
-def _certify(source, n: int, k: int, max_rounds: int, rtol: float) -> tuple[np.ndarray, Certificate]:
+def _certify(source, n: int, k: int, max_rounds: int, rtol: float,
+             solve_round=None) -> tuple[np.ndarray, Certificate]:
+    solve_round = solve_round or sparse_round
     tol = rtol * source.scale
     rows, cols, w = source.candidates(k)
     keys, first = np.unique(rows * n + cols, return_index=True)  # sorted: the scan looks candidates up
     rows, cols, w = keys // n, keys % n, w[first]
     cert = Certificate(rounds=0, candidates=0, tolerance=tol)
     while cert.rounds < max_rounds and not _hubs(cols, n) and not _ill_scaled(n, rows, w):
-        sigma = _sparse_solve(n, rows, cols, w)
+        sigma, duals = solve_round(n, rows, cols, w)
         cert.rounds += 1
         if sigma is None:  # no full matching: a few columns top every row (hubs); dense is quicker
             break
-        try:
-            u, v = _duals(sigma, rows, cols, w)
-        except ArithmeticError:  # σ is not optimal on its candidates: the sparse solver lost precision
+        if duals is None:  # σ is not optimal on its candidates: the sparse solver lost precision
             break
+        u, v = duals
         vr, vc, vw, low = source.scan(u, v, tol, (keys, w))
         cert.violators.append(len(vr))
         cert.candidates, cert.min_reduced_cost = len(rows), low
@@ -410,7 +427,8 @@ def certified_lap(C: np.ndarray, k: int | None = None, max_rounds: int = 4,
 
 
 def certified_similarity(n: int, block, k: int | None = None, max_rounds: int = 4, rtol: float = 1e-12,
-                         rows_per_block: int = 512, held=None, parts=None, matched: bool = False):
+                         rows_per_block: int = 512, held=None, parts=None, matched: bool = False,
+                         solve_round=None):
     """σ *maximising* Σ_i S[i, σ(i)] for a square similarity made in blocks of rows by
     ``block(r0, r1) -> float32 tensor`` (on any device), and its certificate (for the cost −S).
     ``held``: the precision S is kept in between its scans (default ``torch.float16``, half
@@ -422,9 +440,11 @@ def certified_similarity(n: int, block, k: int | None = None, max_rounds: int = 
     rows r0:r1 as ``block`` would make it, up to rounding, and tensors of its shape, e.g.
     partial sums of S), and the terms are kept at the candidates; with ``matched=True``
     the return is ``(σ, certificate, matched)``: ``(S[i, σ(i)], the terms there)``, float64
-    ((n,), (n, terms)), or None when an answer's entry was not a first candidate."""
+    ((n,), (n, terms)), or None when an answer's entry was not a first candidate.
+    ``solve_round``: what solves each round's sparse problem, called as :func:`sparse_round`
+    (the default) is; an executor may run it in another process."""
     k = min(start_k(n) if k is None else k, n)
     source = _TorchSimilarity(n, block, k, rows_per_block, held, parts)
-    sigma, cert = _certify(source, n, k, max_rounds, rtol)
+    sigma, cert = _certify(source, n, k, max_rounds, rtol, solve_round)
     cert.remade_blocks = source.remade
     return (sigma, cert, source.matched(sigma)) if matched else (sigma, cert)

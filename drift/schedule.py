@@ -16,7 +16,8 @@ executor, so pipelined and sequential runs give identical numbers.
 Executors: :class:`InProcess` (solve now, in this thread; large MLP assignments go the
 certified sparse path there, on the device their similarity is made on),
 :class:`DeviceThreads` (the certified path in worker threads: a GPU's similarities stay on
-it while their sparse problems are solved on the CPU's cores, several at once) and
+it while their sparse problems are solved in worker processes on the CPU's cores, several
+at once) and
 :class:`LocalProcesses` (forked workers running scipy's dense solver, :func:`drift.assign.lap_pool`).
 Another executor needs ``width``, ``submit(cost) -> Future`` and the context manager
 protocol. A cluster runs whole pairs instead (:mod:`drift.cluster`), each worker with its own
@@ -30,6 +31,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Callable, Hashable, Sequence
 
+import numpy as np
 import torch
 
 from . import assign
@@ -182,18 +184,20 @@ class LocalProcesses:
 class DeviceThreads:
     """Each assignment solved by the certified path in one of ``workers`` threads, ``workers``
     tasks in flight. For a GPU: its similarity, candidates and certificate stay on the device,
-    and what runs on the CPU (scipy's sparse matching and the duals' numpy passes, which let go
-    of the GIL) proceeds for several comparisons at once, beside this thread's next
-    ``prepare()``. Not for the CPU: there the similarity's GEMMs already take every core."""
+    and what runs on the CPU proceeds for several comparisons at once, beside this thread's
+    next ``prepare()``: each round's sparse problem (scipy's sparse matching, which holds the
+    GIL, and the duals) in one of ``workers`` forked processes (``processes=False``: in the
+    thread). Not for the CPU: there the similarity's GEMMs already take every core."""
 
     solves_now = False
 
-    def __init__(self, workers: int):
-        self.width = workers
+    def __init__(self, workers: int, processes: bool = True):
+        self.width, self.processes = workers, processes
 
     def __enter__(self):
         from concurrent.futures import ThreadPoolExecutor
 
+        self._rounds = _round_pool(self.width) if self.processes else None
         self._pool = ThreadPoolExecutor(self.width, thread_name_prefix="drift-compare")
         self._forms = ThreadPoolExecutor(1, thread_name_prefix="drift-forms")
         return self
@@ -201,26 +205,51 @@ class DeviceThreads:
     def __exit__(self, *exc) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._forms.shutdown(wait=True, cancel_futures=True)
+        if self._rounds is not None:
+            self._rounds.shutdown(wait=True, cancel_futures=True)
+
+    def _solve_round(self, *args):
+        from .certified import sparse_round
+
+        return wait(self._rounds.submit(sparse_round, *args))
+
+    def _solve(self, cost) -> np.ndarray:
+        return solve(cost, True, None if self._rounds is None else self._solve_round)
 
     def submit(self, cost) -> Future:
-        return self._pool.submit(solve, cost, True)
+        return self._pool.submit(self._solve, cost)
 
     def compare(self, c) -> Future:
         """The whole comparison in a worker thread: ``prepare()``, the assignment, ``finish``
         (its values are the future's result). The calling thread only starts comparisons, in
         task order (a null's gain shuffles are drawn there), so the arithmetic is that of
         :class:`InProcess`."""
-        return self._pool.submit(_compare_now, c)
+        return self._pool.submit(_compare_now, self, c)
 
     def spawn(self, fn, *args) -> Future:
         """``fn(*args)`` in the one thread that makes forms (:meth:`FormStore.make_ahead`)."""
         return self._forms.submit(fn, *args)
 
 
-def _compare_now(c) -> dict[str, float]:
+def _round_pool(workers: int):
+    """``workers`` processes for the certified path's sparse rounds, forked now, while this
+    process holds no layer forms (a worker's RSS counts every page it shares with its parent);
+    like :class:`drift.assign.lap_pool`'s, they only run numpy and scipy (no torch, no CUDA)."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    import scipy.sparse.csgraph  # noqa: F401 - imported once here, not again in every worker
+
+    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=assign._worker_init)
+    for f in [pool.submit(int) for _ in range(workers)]:
+        f.result()
+    return pool
+
+
+def _compare_now(ex: DeviceThreads, c) -> dict[str, float]:
     cost = c.assignment
     c.prepare()  # first, as InProcess does: the heads are let go before the assignment's similarity
-    return c.finish(None if cost is None else solve(cost, maximize=True))
+    return c.finish(None if cost is None else ex._solve(cost))
 
 
 DEVICE_THREADS = 16

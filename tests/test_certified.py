@@ -145,6 +145,31 @@ def test_similarity_violators_and_fallback():
     assert cert.dense_fallback
 
 
+def test_each_round_goes_to_the_given_solver_and_the_answer_is_the_same():
+    """``solve_round`` (what an executor sends to another process) is what solves every round:
+    with it, σ and the certificate are those of the default; a solver that loses the duals
+    (σ not optimal on its candidates) sends the problem to the dense solver."""
+    import torch
+
+    from drift import certified as dc
+
+    S = torch.as_tensor(np.random.default_rng(7).standard_normal((400, 400)), dtype=torch.float32)
+    seen = []
+
+    def counting(*args):
+        seen.append(len(args[1]))  # the round's candidate entries
+        return dc.sparse_round(*args)
+
+    base = dc.certified_similarity(400, lambda r0, r1: S[r0:r1].clone(), k=10, rows_per_block=96)
+    got = dc.certified_similarity(400, lambda r0, r1: S[r0:r1].clone(), k=10, rows_per_block=96,
+                                  solve_round=counting)
+    assert np.array_equal(got[0], base[0]) and got[1] == base[1]
+    assert len(seen) == got[1].rounds >= 2 and seen[0] == 400 * 10 and seen == sorted(seen)
+    lost = dc.certified_similarity(400, lambda r0, r1: S[r0:r1].clone(), k=10, rows_per_block=96,
+                                   solve_round=lambda *a: (dc.sparse_round(*a)[0], None))
+    assert lost[1].dense_fallback and lost[1].rounds == 1 and np.array_equal(lost[0], base[0])
+
+
 def test_a_similarity_with_nan_or_inf_is_refused():
     import torch
 

@@ -116,16 +116,33 @@ def test_pipelined_and_sequential_analyses_are_identical(tmp_path, monkeypatch):
 
 def test_device_threads_give_the_numbers_of_one_thread(monkeypatch):
     """The GPU's executor, run on the CPU: whole comparisons (heads, certified assignment, MLP
-    residuals) in two worker threads, several in flight, and the forms made ahead in a thread
-    of their own, against everything in this thread. The same assignments and certificates,
-    so the same numbers to the last bit (one torch thread: a GEMM's bits may depend on how
-    many it is split over)."""
+    residuals) in two worker threads, several in flight, each round's sparse problem in a
+    worker process, and the forms made ahead in a thread of their own, against everything in
+    this thread. The same assignments and certificates, so the same numbers to the last bit
+    (one torch thread: a GEMM's bits may depend on how many it is split over)."""
     monkeypatch.setattr(assign, "CERTIFIED_MIN_SIZE", 64)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     solved = []
     original = assign.solve
     monkeypatch.setattr(schedule, "solve", lambda *a, **k: (solved.append(1), original(*a, **k))[1])
+    from drift import certified as dc
+
+    sent = []  # rounds handed to the worker processes
+    original_round, original_pool, original_sparse = (
+        schedule.DeviceThreads._solve_round, schedule._round_pool, dc._sparse_solve)
+    monkeypatch.setattr(schedule.DeviceThreads, "_solve_round",
+                        lambda self, *a: (sent.append(1), original_round(self, *a))[1])
+
+    def in_this_process(*a):
+        raise AssertionError("a sparse round was solved in this process")
+
+    def round_pool(workers):
+        pool = original_pool(workers)  # forked: the workers keep scipy's solver, this process loses it
+        monkeypatch.setattr(dc, "_sparse_solve", in_this_process)
+        return pool
+
+    monkeypatch.setattr(schedule, "_round_pool", round_pool)
     try:
         monkeypatch.setattr(schedule, "executor_for", lambda *a: schedule.DeviceThreads(2))
         made = []
@@ -136,6 +153,7 @@ def test_device_threads_give_the_numbers_of_one_thread(monkeypatch):
         piped = drift.analyze("tiny-qwen3", pairs="all", layers=[0, 1, 2, 3], n_null=2, progress=False,
                               form_budget=float("inf"))
         n_threaded = len(solved)
+        monkeypatch.setattr(dc, "_sparse_solve", original_sparse)
         monkeypatch.setattr(schedule, "executor_for", lambda *a: schedule.InProcess())
         seq = drift.analyze("tiny-qwen3", pairs="all", layers=[0, 1, 2, 3], n_null=2, progress=False)
     finally:
@@ -144,6 +162,8 @@ def test_device_threads_give_the_numbers_of_one_thread(monkeypatch):
     assert n_threaded == 6 * 3 and len(solved) == 2 * n_threaded  # every MLP assignment, each way
     assert piped.meta["assignment"] == seq.meta["assignment"]
     assert piped.meta["assignment"]["assignments"] - piped.meta["assignment"]["dense_fallbacks"] >= 10
+    # every certified assignment's rounds were solved in the worker processes
+    assert len(sent) >= piped.meta["assignment"]["assignments"] - piped.meta["assignment"]["dense_fallbacks"]
     pd.testing.assert_frame_equal(piped.df, seq.df, check_exact=True)
 
 
