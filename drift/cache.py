@@ -63,6 +63,7 @@ import json
 import logging
 import operator
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -96,6 +97,11 @@ numbers are computed with (the weights path never runs transformers; a run of th
 
 STALE_TMP_S = 3600.0
 """Temporary files older than this are left-overs of interrupted writes and are removed."""
+
+ENTRY_NAME = re.compile(r"[0-9a-f]{32}\.json")
+"""An entry's file name (:meth:`Cache.path`); the cache reads, lists and deletes no other."""
+TMP_GLOB = ".tmp-*.json"
+"""The cache's temporary files (:meth:`Cache.put`)."""
 
 
 def default_dir() -> Path:
@@ -420,25 +426,27 @@ class Cache:
         """Remove left-overs of interrupted writes; housekeeping, so failures are ignored."""
         now = time.time()
         with contextlib.suppress(OSError):
-            for tmp in self.directory.glob(".tmp-*"):
+            for tmp in self.directory.glob(TMP_GLOB):
                 with contextlib.suppress(OSError):  # swept by another process, or not ours
                     if now - tmp.stat().st_mtime > STALE_TMP_S:
                         tmp.unlink()
 
     def entries(self) -> list[Path]:
-        """The entry files (not temporary files)."""
+        """The entry files (not temporary files): ``<digest>.json``, 32 hex digits. Other files
+        in the folder (``DRIFT_CACHE_DIR`` may name one that holds more) are not the cache's."""
         if not self.directory.is_dir():
             return []
-        return sorted(p for p in self.directory.glob("*.json") if not p.name.startswith("."))
+        return sorted(p for p in self.directory.glob("*.json") if ENTRY_NAME.fullmatch(p.name))
 
     def clear(self) -> int:
-        """Delete every entry and temporary file; return how many entries were deleted."""
+        """Delete every entry and temporary file of the cache (nothing else in its folder);
+        return how many entries were deleted."""
         n = 0
         for p in self.entries():
             p.unlink(missing_ok=True)
             n += 1
         if self.directory.is_dir():
-            for tmp in self.directory.glob(".tmp-*"):
+            for tmp in self.directory.glob(TMP_GLOB):
                 tmp.unlink(missing_ok=True)
         return n
 

@@ -64,6 +64,23 @@ def test_round_trip_second_call_is_a_hit(cache, fake, ckpt):
     assert len(cache.entries()) == 1
 
 
+def test_clear_deletes_the_entries_and_nothing_else_in_the_folder(cache, fake, ckpt):
+    """DRIFT_CACHE_DIR may name a folder that holds other files (a checkpoint's config.json, a
+    saved drift result, the user's own .tmp- file): ``clear()`` and ``entries()`` touch only
+    the cache's own ``<digest>.json`` and ``.tmp-*.json`` files."""
+    cache.get_or_compute(ckpt, method="rotation", layers=[0, 1, 2])
+    cache.get_or_compute(ckpt, method="raw", layers=[0, 1, 2])
+    theirs = {"config.json": "{}", "drift_minilm_exact.json": "{}", ".tmp-notes": "x",
+              "0123456789abcdef0123456789abcdeg.json": "{}", "0123.json": "{}"}
+    for name, text in theirs.items():
+        (cache.directory / name).write_text(text)
+    (cache.directory / ".tmp-0123.json").write_text("left by an interrupted write")
+    assert len(cache.entries()) == 2
+    assert cache.clear() == 2
+    assert sorted(p.name for p in cache.directory.iterdir()) == sorted(theirs)
+    assert cache.get_or_compute(ckpt, method="rotation", layers=[0, 1, 2])[1] is False  # gone: recomputed
+
+
 def test_defaults_progress_and_device_do_not_split_the_key(cache, fake, ckpt):
     cache.get_or_compute(ckpt)
     cache.get_or_compute(ckpt, method="exact", pairs="consecutive", progress=False, device="cpu")

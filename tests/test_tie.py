@@ -259,3 +259,36 @@ def test_table_names_the_damage_once(planted):
     folder, _, _ = planted("bert")
     text = format_tie_table(tie(folder, family="q_proj", layers=[1, 2], **FAST))
     assert "\n  damage: relative change of the final hidden states" in text and "damage: damage" not in text
+
+
+@pytest.mark.parametrize("name, head", [("bert", "BertForMaskedLM"), ("gpt2", "GPT2Model")])
+def test_the_same_weights_in_another_layout_tie_the_same(name, head, tmp_path):
+    """A checkpoint of the same weights under another model class (BERT's usual
+    ``BertForMaskedLM`` layout, ``bert.encoder...``; a headless ``GPT2Model`` whose config says
+    ``GPT2LMHeadModel``) ties the same: every tied tensor lands in the model transformers
+    builds. They used to be left out (damage 0, rho NaN)."""
+    import json
+
+    import pandas as pd
+    import transformers
+
+    cfg_cls, _, kw = toy.TOY_CONFIGS[name]
+    config = getattr(transformers, cfg_cls)(**kw)
+    base = toy.tiny_model(name, seed=3, dtype=torch.float32)
+    other = getattr(transformers, head)(config).eval()
+    inner = other.bert if head == "BertForMaskedLM" else other
+    own = base if head == "BertForMaskedLM" else base.transformer
+    missing = inner.load_state_dict(own.state_dict(), strict=False).missing_keys
+    assert not [k for k in missing if "pooler" not in k]
+    a, b = toy.save(base, tmp_path / "a"), toy.save(other, tmp_path / "b")
+    if head == "GPT2Model":  # a headless checkpoint whose config names the LM
+        cfg = json.loads((b / "config.json").read_text())
+        (b / "config.json").write_text(json.dumps({**cfg, "architectures": ["GPT2LMHeadModel"]}))
+    run = dict(FAST, family=["q_proj", "mlp"], layers=[0, 1])
+    ra, rb = tie(a, **run), tie(b, **run)
+    assert (ra.df["residual"] > 1e-4).all() and (ra.df["null"] > 1e-4).all(), ra.df
+    cols = ["family", "layer_a", "layer_b", "residual", "null", "rho"]
+    pd.testing.assert_frame_equal(ra.df[cols], rb.df[cols], rtol=1e-9)
+    assert ra.meta["block"].keys() == rb.meta["block"].keys()
+    for f, v in ra.meta["block"].items():
+        assert v == pytest.approx(rb.meta["block"][f], rel=1e-9)

@@ -49,7 +49,7 @@ from ..align import random_orthogonal
 from ..analysis import _progress_bar
 from ..canonical import CanonicalLayer, LayerReader, layer_state_dict
 from ..checkpoint import Checkpoint
-from ..errors import DriftError
+from ..errors import CheckpointError, DriftError
 from ..methods import get as get_method
 from ..result import AnalysisResult
 
@@ -197,6 +197,32 @@ def _is_causal(config: dict) -> bool:
     return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in config.get("architectures") or [])
 
 
+def _places(net, model: str):
+    """``place(state)``: tensors named as in the checkpoint, renamed as ``net``'s own (a
+    ``BertForMaskedLM`` checkpoint's ``bert.encoder...`` is a ``BertModel``'s ``encoder...``;
+    a headless checkpoint's ``h.0...`` is ``transformer.h.0...`` of a ``GPT2LMHeadModel``).
+    A tensor with no place in ``net`` is refused: left out, the tie would not happen and its
+    damage would read 0."""
+    have = set(net.state_dict())
+    prefix = getattr(net, "base_model_prefix", "") or ""
+
+    def name(k: str) -> str:
+        for cand in (k, k.removeprefix(prefix + "."), f"{prefix}.{k}"):
+            if cand in have:
+                return cand
+        raise CheckpointError(f"{model}: tensor {k!r} has no place in the {type(net).__name__} that "
+                              "transformers built from config.json (architectures)")
+
+    return lambda state: {name(k): v for k, v in state.items()}
+
+
+def _load(net, state: dict[str, Tensor]) -> None:
+    """Put ``state`` (``net``'s own names) into ``net``, every tensor of it."""
+    unexpected = net.load_state_dict(state, strict=False).unexpected_keys
+    if unexpected:  # _places named them all: a tensor left out would be a tie not made
+        raise AssertionError(f"tensors not loaded: {unexpected[:3]}")
+
+
 def _outputs(net, ids: Tensor, mask: Tensor, causal: bool) -> Tensor:
     with torch.inference_mode():
         out = net(input_ids=ids, attention_mask=mask)
@@ -255,7 +281,9 @@ def tie(model: str, family: str | Iterable[str] = "all", layers: Iterable[int] |
         batches = [(ids.to(dev), mask.to(dev)) for ids, mask in _batches(seqs, batch_size, pad)]
         base = [_outputs(net, ids, mask, causal) for ids, mask in batches]
         original = {c.target: reader.read(c.target) for c in carried}
-        restore = {k: v.to(tdtype) for c in carried for k, v in layer_state_dict(original[c.target], reader).items()}
+        place = _places(net, str(model))
+        restore = place({k: v.to(tdtype) for c in carried
+                         for k, v in layer_state_dict(original[c.target], reader).items()})
         damage = Damage(causal)
         for f, scope, null in variants:
             chosen = [c for c in carried if scope in ("block", c.target)]
@@ -263,10 +291,10 @@ def tie(model: str, family: str | Iterable[str] = "all", layers: Iterable[int] |
             for c in chosen:
                 new = tied(original[c.target], c.null if null else c.moved, f)
                 state.update({k: v.to(tdtype) for k, v in layer_state_dict(new, reader).items()})
-            net.load_state_dict(state, strict=False)
+            _load(net, place(state))
             for (ids, mask), b in zip(batches, base):
                 damage.add((f, scope, null), b, _outputs(net, ids, mask, causal), mask, ids)
-            net.load_state_dict(restore, strict=False)
+            _load(net, restore)
             bar.update(1)
     finally:
         bar.close()
