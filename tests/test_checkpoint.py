@@ -272,6 +272,25 @@ def test_refused_config_field(checkpoint_copy, name, field, value):
         drift.open_layers(str(folder))
 
 
+@pytest.mark.parametrize("name, field, value", [
+    ("llama", "hidden_act", "relu"), ("gpt2", "activation_function", "relu"), ("bert", "hidden_act", "tanh"),
+    ("gemma2", "hidden_activation", "relu2"), ("qwen3", "hidden_act", ["silu"])])
+def test_an_activation_without_a_derived_symmetry_group_is_refused(checkpoint_copy, name, field, value):
+    """ReLU is homogeneous (a positive scale per unit is a symmetry), tanh odd (a sign per unit):
+    groups the exact method does not remove, so its residuals would read too high. The
+    weights path refuses them; the activations path, blind to the gauge, runs."""
+    from drift.function import activation_similarity
+
+    folder = checkpoint_copy(name, **{field: value})
+    with pytest.raises(UnsupportedArchitectureError, match=re.escape(f"config field {field}={value!r} is not supported")):
+        drift.open_layers(str(folder))
+    with pytest.raises(UnsupportedArchitectureError, match="derived for silu and gelu"):
+        drift.analyze(folder, progress=False)
+    if name == "llama":
+        r = activation_similarity(folder, tokens="random", n_seq=2, seq_len=8, progress=False)
+        assert r.df["residual"].notna().all()
+
+
 def test_missing_tensor(checkpoint_copy):
     folder = checkpoint_copy("llama")
     name = "model.layers.1.self_attn.k_proj.weight"
