@@ -107,7 +107,16 @@ TMP_GLOB = ".tmp-*.json"
 def default_dir() -> Path:
     """``$DRIFT_CACHE_DIR`` if set, else ``~/.cache/drift``."""
     env = os.environ.get("DRIFT_CACHE_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "drift"
+    return _expand(env, "DRIFT_CACHE_DIR") if env else Path.home() / ".cache" / "drift"
+
+
+def _expand(path: str | Path, what: str) -> Path:
+    try:
+        return Path(path).expanduser()
+    except RuntimeError as e:  # ~user with no such user: not a folder to make under the working one
+        from .errors import DriftError
+
+        raise DriftError(f"{what} {path}: cannot expand ~ ({e})") from None
 
 
 def _jsonable(v: Any) -> Any:
@@ -251,7 +260,7 @@ class Cache:
                  analyze: Callable[..., AnalysisResult] | None = None, namespace: str = "weights"):
         if namespace not in NAMESPACES:
             raise ValueError(f"namespace must be one of {', '.join(NAMESPACES)}, got {namespace!r}")
-        self.directory = Path(directory).expanduser() if directory is not None else default_dir()
+        self.directory = _expand(directory, "cache folder") if directory is not None else default_dir()
         self._analyze = analyze
         self.namespace = namespace
         self.hits = 0

@@ -113,6 +113,15 @@ def _cached_revisions(repo_id: str) -> list[str]:
     return refs + snaps
 
 
+def expand_user(s: str | Path) -> Path:
+    """``Path(s).expanduser()``; a ``~user`` that does not exist is left as written (a path
+    that then names nothing here, and is said so), not a RuntimeError."""
+    try:
+        return Path(s).expanduser()
+    except RuntimeError:
+        return Path(s)
+
+
 def resolve_model(model: str | Path) -> Path:
     """The local folder of ``model`` (a path, a cached HF repo id ``org/name`` or
     ``org/name@revision``, or a bundled name).
@@ -130,7 +139,7 @@ def resolve_model(model: str | Path) -> Path:
         return tiny
     if s in BUNDLED:
         return bundled_path(s)
-    path = Path(s).expanduser()
+    path = expand_user(s)
     if path.exists():
         if not path.is_dir():
             raise ModelNotFoundError(f"{s}: not a directory (point --model at the checkpoint folder)")

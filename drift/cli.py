@@ -154,7 +154,7 @@ def analyze_command(args: argparse.Namespace) -> int:
     result.meta["model"] = args.model
     if other is not None:
         result.meta["other"]["model"] = args.other
-    result.to_json(out)
+    result.to_json(out, force=True)  # checked before the work (check_output, --force)
     if not args.quiet:
         print(_format_table(result))
         print(f"\nSaved: {out}")

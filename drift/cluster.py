@@ -172,7 +172,9 @@ def digest(root: Path) -> str:
 def _worker_name(model) -> str:
     """``model`` as a worker opens it: a local folder as an absolute path (a worker's working
     directory is not ours), any other name (bundled, HF cache) as given."""
-    path = Path(str(model)).expanduser()
+    from .checkpoint import expand_user
+
+    path = expand_user(str(model))
     return str(path.resolve()) if resolve_model(str(model)) == path else str(model)
 
 

@@ -32,34 +32,71 @@ def is_drift_result(path: Path) -> bool:
     return isinstance(d, dict) and "drift_version" in d and "family_residuals" in d
 
 
-def check_output(path: str | Path, model_folder: Path | None = None, force: bool = False) -> Path:
+CSV_HEADER = "family,layer_a,layer_b,residual,null,rho"
+"""How a table drift exported (:func:`drift.plots.export_csv`) begins."""
+
+
+def is_drift_csv(path: Path) -> bool:
+    """Does ``path`` hold a table that drift exported (its header)?"""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.readline().startswith(CSV_HEADER)
+    except (OSError, ValueError):
+        return False
+
+
+def check_output(path: str | Path, model_folder: Path | None = None, force: bool = False,
+                 label: str = "--out", force_hint: str = "pass --force to replace it",
+                 ours=is_drift_result, what: str = "a drift result") -> Path:
     """``path``, made absolute, if a result may be written there; else an OutputError
-    naming the problem. See the module docstring for the rules."""
-    p = Path(path).expanduser()
-    if p.name in ("", ".", ".."):
-        raise OutputError(f"--out {path}: not a file name")
+    naming the problem. See the module docstring for the rules. ``label``, ``force_hint``:
+    how the caller names the path and the override (the CLI's ``--out``, ``--force``);
+    ``ours(path)``: is an existing file one drift wrote, ``what``: such a file, named."""
+    try:
+        p = Path(path).expanduser()
+    except RuntimeError as e:  # ~user that does not exist
+        raise OutputError(f"{label} {path}: cannot expand ~ ({e})") from None
+    if p.name in ("", ".", "..") or str(path).endswith(("/", os.sep)):
+        raise OutputError(f"{label} {path}: not a file name")
     try:
         p = p.resolve()
     except (OSError, RuntimeError) as e:
-        raise OutputError(f"--out {path}: cannot resolve ({e.strerror or e})") from None
+        raise OutputError(f"{label} {path}: cannot resolve ({e.strerror or e})") from None
     if model_folder is not None:
         model = Path(model_folder).resolve()
         if p == model or model in p.parents:
-            raise OutputError(f"--out {p} is inside the model folder {model}; write the result elsewhere")
+            raise OutputError(f"{label} {p} is inside the model folder {model}; write the result elsewhere")
     folder = p.parent
     if not folder.is_dir():
-        raise OutputError(f"--out {p}: folder {folder} does not exist")
+        raise OutputError(f"{label} {p}: folder {folder} does not exist")
     try:  # a file made and removed: os.access says yes to root on /proc, where none can be made
         fd, probe = new_file(folder, f".{p.name}.", ".tmp")
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise OutputError(f"--out {p}: folder {folder} is not writable ({e.strerror or e})") from None
+        raise OutputError(f"{label} {p}: folder {folder} is not writable ({e.strerror or e})") from None
     if p.is_dir():
-        raise OutputError(f"--out {p} is a folder; give a file name")
-    if p.exists() and not force and not is_drift_result(p):
-        raise OutputError(f"--out {p} exists and is not a drift result; pass --force to replace it")
+        raise OutputError(f"{label} {p} is a folder; give a file name")
+    if p.exists() and not p.is_file():  # a pipe would block the check below; a device would be replaced
+        raise OutputError(f"{label} {p} is not a regular file (a device, pipe or socket); give a file name")
+    if p.exists() and not force and not ours(p):
+        raise OutputError(f"{label} {p} exists and is not {what}; {force_hint}")
     return p
+
+
+def model_folder_of(meta: dict) -> Path | None:
+    """The checkpoint folder a result's ``meta`` names, where it is known here: a weight
+    result's ``identity`` begins with it; else its ``model`` resolved (None when it cannot be,
+    e.g. a result read on another machine)."""
+    identity = meta.get("identity")
+    if isinstance(identity, str) and identity:
+        return Path(identity.split("|", 1)[0])
+    try:
+        from .checkpoint import resolve_model
+
+        return resolve_model(str(meta.get("model"))).resolve()
+    except Exception:  # noqa: BLE001 - not a checkpoint this machine has
+        return None
 
 
 def free_name(path: Path) -> Path:

@@ -194,10 +194,16 @@ class AnalysisResult:
         (``space``, a tie's ``embedding_cos`` …), none dropped."""
         return COLUMNS + [c for c in self.df.columns if c not in COLUMNS]
 
-    def to_json(self, path: str | Path) -> Path:
-        from .output import write_atomic
+    def to_json(self, path: str | Path, force: bool = False) -> Path:
+        """Write the result as JSON (:meth:`to_json_dict`), atomically. Refused (an
+        :class:`~drift.output.OutputError`) as ``drift analyze --out`` is: inside the model's
+        folder, a folder, a device or pipe, or an existing file that is not a drift result
+        (``force=True`` replaces that)."""
+        from .output import check_output, model_folder_of, write_atomic
 
-        return write_atomic(Path(path), json.dumps(self.to_json_dict(), indent=2))
+        p = check_output(path, model_folder_of(self.meta), force, label="to_json:",
+                         force_hint="pass force=True to replace it")
+        return write_atomic(p, json.dumps(self.to_json_dict(), indent=2))
 
     @classmethod
     def from_json_dict(cls, d: dict[str, Any]) -> "AnalysisResult":

@@ -242,6 +242,7 @@ FLAG_CASES = {
     "model is a file": (["--model", "FILE"], ["not a directory"]),
     "empty model folder": (["--model", "EMPTY"], ["config.json"]),
     "over-long path": (["--model", "/" + "a" * 5000], ["a" * 20]),
+    "no such user's home": (["--model", "~no-such-user-drift/x"], ["~no-such-user-drift/x", "no such directory"]),
     "block start past the end": (["--block-start", "99"], ["--block-start 99", "out of range"]),
     "block end before start": (["--block-start", "2", "--block-end", "1"], ["--block-end 1"]),
     "negative block start": (["--block-start", "-1"], ["--block-start -1"]),
@@ -280,6 +281,19 @@ def test_bad_paths_and_flags(case, model, tmp_path, capsys, monkeypatch):
     rc, err = run_cli(["analyze", *argv, "--out", str(out), "--quiet"], capsys)
     assert_one_line(rc, err, *words)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("out, words", [
+    ("~no-such-user-drift/x.json", ["--out ~no-such-user-drift/x.json", "cannot expand ~"]),
+    ("PIPE", ["is not a regular file"]),  # it used to wait for a writer, before any work
+    ("DIR/", ["not a file name"]),  # it used to write DIR
+])
+def test_an_out_that_names_no_regular_file_is_refused(out, words, model, tmp_path, capsys):
+    os.mkfifo(tmp_path / "PIPE")
+    out = out.replace("PIPE", str(tmp_path / "PIPE")).replace("DIR", str(tmp_path / "DIR"))
+    rc, err = run_cli(["analyze", "--model", str(model), "--out", out, "--quiet"], capsys)
+    assert_one_line(rc, err, *words)
+    assert not (tmp_path / "DIR").exists()
 
 
 @pytest.mark.parametrize("command", ["analyze", "function", "tie"])

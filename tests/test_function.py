@@ -274,6 +274,32 @@ def test_cli_weights_of_another_shape_than_the_config_are_one_line(checkpoint_co
                            f"(64, 256) from config.json (and 8 more)\n")
 
 
+@pytest.mark.parametrize("damage, message", [
+    (lambda t: torch.full_like(t, float("nan")), "weight 'layers.1.self_attn.q_proj.weight' has NaN or Inf values"),
+    (lambda t: (t * 100).to(torch.int8), "tensor 'model.layers.1.self_attn.q_proj.weight' is stored as I8, not as floats"),
+])
+def test_weights_the_weights_path_refuses_are_refused_on_text_too(checkpoint_copy, damage, message):
+    """A NaN weight gave plausible-looking numbers (Qwen3's q_norm hid it), an int8 one was
+    cast to floats as it was: both are refused, as ``drift analyze`` refuses them."""
+    from safetensors.torch import load_file, save_file
+
+    import drift
+    from drift.function import tie
+
+    folder = checkpoint_copy("qwen3")
+    f = folder / "model.safetensors"
+    state = load_file(f)
+    name = "model.layers.1.self_attn.q_proj.weight"
+    state[name] = damage(state[name])
+    save_file(state, f, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError):
+        drift.analyze(folder, progress=False, n_null=0)
+    with pytest.raises(CheckpointError, match=message.replace("(", r"\(")):
+        activation_similarity(folder, tokens="random", n_seq=2, seq_len=8, progress=False)
+    with pytest.raises(CheckpointError):
+        tie(folder, tokens="random", n_seq=2, seq_len=8, progress=False, family="k_proj")
+
+
 def test_cli_no_tokenizer_is_one_line(toy_checkpoint, tmp_path, capsys):
     from drift.cli import main
 
@@ -314,6 +340,7 @@ def latin1_file(tmp_path):
     (dict(seed=-1), DriftError, "seed"),
     (dict(dtype="float16"), DriftError, "dtype must be float32 or float64"),
     (dict(device="tpu"), DriftError, "device must be"),
+    (dict(tokens="random", n_seq=1, seq_len=2), DriftError, "2 tokens to compare the layers on: the update CKA needs at least 3"),
 ])
 def test_bad_input_is_one_clear_error(kwargs, error, message, empty_file, latin1_file):
     kwargs = {k: {"EMPTY": empty_file, "LATIN1": latin1_file}.get(v, v) if isinstance(v, str) else v
@@ -360,7 +387,9 @@ def test_a_short_text_warns_of_the_sequences_it_gives(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="drift.function.run"):
         r = activation_similarity("minilm", layers=[0, 1], text=f, n_seq=2, progress=False)
     assert r.meta["n_tokens"] == 3  # [CLS] hi [SEP]
-    assert caplog.messages == ["the text gives 1 sequence of 3 tokens, not the 2 asked for"]
+    assert caplog.messages == ["the text gives 1 sequence of 3 tokens, not the 2 asked for",
+                               "the update CKA from 3 tokens, no more than the model's width (384): with so few "
+                               "it reads closer to 1 than the layers are alike"]
 
 
 def test_progress_callback_counts_batches(toy_checkpoint):
@@ -381,10 +410,18 @@ def test_weights_transformers_would_invent_are_refused(checkpoint_copy):
         activation_similarity(folder, **QUICK)
 
 
-def test_a_checkpoint_transformers_cannot_load_is_one_line(checkpoint_copy):
+@pytest.mark.parametrize("headers_read", [True, False])
+def test_a_checkpoint_transformers_cannot_load_is_one_line(checkpoint_copy, monkeypatch, headers_read):
+    """Named by drift's own read of the weights' headers (the stored dtypes), or, past it,
+    by transformers' loader, in one line either way."""
+    from drift.function import run
+
     folder = checkpoint_copy("llama")
     (folder / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")  # a header, no tensors
-    with pytest.raises(CheckpointError, match="transformers cannot load it .SafetensorError") as e:
+    if not headers_read:
+        monkeypatch.setattr(run, "_check_stored", lambda *a: None)
+    message = "corrupt or truncated safetensors file" if headers_read else "transformers cannot load it .SafetensorError"
+    with pytest.raises(CheckpointError, match=message) as e:
         activation_similarity(folder, **QUICK)
     assert "\n" not in str(e.value) and str(e.value).startswith(str(folder))
 

@@ -294,6 +294,14 @@ def test_compare_methods_needs_results():
         plots.compare_methods({})
 
 
+def test_compare_methods_refuses_results_of_different_models():
+    """Bars of one family side by side are one model's methods; another model's result has
+    the same families and pairs and would be drawn as if it were one."""
+    with pytest.raises(ValueError, match=r"different models \(exact: 'a', raw: 'b'\)"):
+        plots.compare_methods({"exact": make_result(model="a"), "raw": make_result("raw", model="b")})
+    plots.compare_methods({"exact": make_result(model="a"), "raw": make_result("raw", model="a")})
+
+
 def test_a_plot_asked_wrongly_is_a_drift_error():
     """Plot errors are the user's to fix, like the analysis's: DriftError (one line in the
     explorer and the CLI, no traceback), and still ValueError for code that catches that."""
@@ -675,3 +683,48 @@ def test_an_activation_measure_of_unknown_direction_is_refused_not_guessed():
         plots.heatmap_grid(odd, value="residual")
     with pytest.raises(ValueError, match="'new_measure' has no declared direction"):
         plots.ranking(odd, value="residual")
+
+
+def test_a_result_written_from_python_keeps_the_cli_rules(tmp_path, cons):
+    """to_json and export_csv replace only what drift wrote (force=True overrides), never a
+    folder, pipe or device, and write nothing into the model's folder; save() names a path it
+    cannot write in one line. Found by fuzzing: export_csv overwrote a checkpoint's files."""
+    import os
+
+    from drift import __version__
+    from drift.checkpoint import resolve_model
+    from drift.output import OutputError
+
+    cons = AnalysisResult(cons.df, {**cons.meta, "drift_version": __version__})  # as analyze() records
+    theirs = tmp_path / "config.json"
+    theirs.write_text('{"hidden_size": 64}')
+    for call in (lambda **k: plots.export_csv(cons, theirs, **k), lambda **k: cons.to_json(theirs, **k)):
+        with pytest.raises(OutputError, match="exists and is not .*pass force=True to replace it"):
+            call()
+        assert theirs.read_text() == '{"hidden_size": 64}'
+    assert plots.export_csv(cons, tmp_path / "t.csv") == plots.export_csv(cons, tmp_path / "t.csv")  # its own: replaced
+    assert cons.to_json(tmp_path / "r.json") == cons.to_json(tmp_path / "r.json")
+    with pytest.raises(OutputError, match="is not a drift result"):
+        cons.to_json(tmp_path / "t.csv")  # a table is not a result file
+    plots.export_csv(cons, theirs, force=True)
+    assert theirs.read_text().startswith("family,layer_a,layer_b,residual,null,rho")
+    os.mkfifo(tmp_path / "pipe.json")
+    with pytest.raises(OutputError, match="not a regular file"):
+        cons.to_json(tmp_path / "pipe.json", force=True)
+    with pytest.raises(OutputError, match="is a folder"):
+        plots.export_csv(cons, tmp_path)
+    with pytest.raises(OutputError, match="not a file name"):
+        cons.to_json(f"{tmp_path}/x.json/")
+    model = AnalysisResult(cons.df, {**cons.meta, "model": "tiny-qwen3"})
+    with pytest.raises(OutputError, match="inside the model folder"):
+        model.to_json(resolve_model("tiny-qwen3") / "r.json")
+    assert not (resolve_model("tiny-qwen3") / "r.json").exists()
+    fig = plots.ranking(cons).figure
+    (tmp_path / "taken").write_text("a file")
+    with pytest.raises(OutputError, match="cannot save the figure to .*taken/fig.png"):
+        plots.save(fig, tmp_path / "taken" / "fig.png")
+    with pytest.raises(ValueError, match="dpi must be a positive number"):
+        plots.save(fig, tmp_path / "fig.png", dpi=0)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)

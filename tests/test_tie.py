@@ -180,6 +180,10 @@ def test_weight_vs_tie_figure(planted):
 
     with pytest.raises(PlotArgumentError, match="are the two swapped"):
         plots.weight_tie_correlations(t, w)
+    # another checkpoint's weights share the families and layer numbers: refused, not paired
+    other = analyze(planted("bert")[0], method="exact", progress=False)
+    with pytest.raises(PlotArgumentError, match="the results are of different models"):
+        plots.weight_tie_correlations(other, t)
     import matplotlib.pyplot as plt
 
     plt.close(ax.figure)  # later tests check that pyplot holds no figure

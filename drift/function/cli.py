@@ -124,7 +124,7 @@ def command(args: argparse.Namespace) -> int:
     result = activation_similarity(args.model, layers=layers, pairs=args.pairs, text=args.text,
                                    tokens=args.tokens, n_seq=args.n_seq, seq_len=args.seq_len, seed=args.seed,
                                    dtype=args.dtype, device=args.device, progress=not args.quiet)
-    result.to_json(out)
+    result.to_json(out, force=True)  # checked before the work (check_output, --force)
     if not args.quiet:
         print(format_table(result))
         print(f"\nSaved: {out}")
@@ -199,7 +199,7 @@ def tie_command(args: argparse.Namespace) -> int:
     result = tie(args.model, family=family, layers=layers, method=args.method, reference=reference,
                  text=args.text, tokens=args.tokens, n_seq=args.n_seq, seq_len=args.seq_len,
                  seed=args.seed, dtype=args.dtype, device=args.device, progress=not args.quiet)
-    result.to_json(out)
+    result.to_json(out, force=True)  # checked before the work (check_output, --force)
     if not args.quiet:
         print(format_tie_table(result))
         print(f"\nSaved: {out}")

@@ -4,6 +4,7 @@ states, batch by batch, into the two measures of :mod:`drift.function` for every
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from collections import Counter
 from pathlib import Path
@@ -41,6 +42,7 @@ def _load_model(folder: Path, model: str, dtype: torch.dtype, dev: torch.device,
     its logits; else ``AutoModel``), local files only, refused if any weight is missing or
     has another shape than config.json gives it."""
     transformers = require_transformers()
+    _check_stored(folder, model)
     cls = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
     tlog = transformers.utils.logging
     shown, verbosity = tlog.is_progress_bar_enabled(), tlog.get_verbosity()
@@ -70,7 +72,41 @@ def _load_model(folder: Path, model: str, dtype: torch.dtype, dev: torch.device,
     if missing:
         raise CheckpointError(f"{model}: {len(missing)} weights missing from the checkpoint "
                               f"(e.g. {', '.join(missing[:3])}); transformers would initialise them at random")
+    for name, p in net.named_parameters():  # as the weights path refuses them (drift.canonical)
+        if p.numel() and not math.isfinite(float(torch.linalg.vector_norm(p.detach(), 1))):
+            if not bool(torch.isfinite(p).all()):
+                raise CheckpointError(f"{model}: weight {name!r} has NaN or Inf values")
     return net.to(dev).eval()
+
+
+MIN_TOKENS = 3
+"""Fewest tokens :func:`activation_similarity` compares layers on: two centred tokens span one
+direction, and the CKA of any two such updates is 1."""
+
+
+def _check_stored(folder: Path, model: str) -> None:
+    """Refuse weights stored as integers (int8 and the like: a quantised checkpoint, which
+    transformers would cast to floats as they are). Read from the safetensors headers only."""
+    from ..checkpoint import ShardIndex
+
+    index = ShardIndex.of(folder)
+    if index.format != "safetensors":
+        return
+    from safetensors import safe_open
+
+    names: dict[str, list[str]] = {}
+    for name, fname in index.weight_map.items():
+        names.setdefault(fname, []).append(name)
+    for fname, these in names.items():
+        try:
+            with safe_open(str(folder / fname), framework="pt") as f:
+                kinds = {name: f.get_slice(name).get_dtype() for name in these if name.endswith(".weight")}
+        except Exception as e:  # noqa: BLE001 - safetensors' own error types
+            raise CheckpointError(f"{folder / fname}: corrupt or truncated safetensors file ({first_line(e)})") from None
+        for name, kind in kinds.items():
+            if kind not in ("F16", "BF16", "F32", "F64"):
+                raise CheckpointError(f"{model}: tensor {name!r} is stored as {kind}, not as floats "
+                                      "(a quantised checkpoint? dequantise it first)")
 
 
 class _Taps:
@@ -221,8 +257,15 @@ def activation_similarity(model: str | Path, layers: Iterable[int] | None = None
         sizes = sorted(Counter(map(len, seqs)).items(), reverse=True)  # (length, count): full windows, the tail
         got = " and ".join(f"{n} sequence{'s' * (n != 1)} of {L} tokens" for L, n in sizes)
         log.warning("the text gives %s, not the %d asked for", got, n_seq)
+    counted, width = sum(map(len, seqs)), _int(config, "hidden_size", "n_embd", "d_model", default=0)
+    if counted < MIN_TOKENS:
+        raise DriftError(f"{counted} token{'s' * (counted != 1)} to compare the layers on: the update CKA needs "
+                         f"at least {MIN_TOKENS} (of 2 it is 1 whatever the layers); give more text or longer sequences")
 
     net = _load_model(folder, str(model), tdtype, dev, quiet=not progress)
+    if counted <= width:  # said once the model is known to load: a refusal stays one line
+        log.warning("the update CKA from %d tokens, no more than the model's width (%d): with so few it reads "
+                    "closer to 1 than the layers are alike", counted, width)
     bar = _progress_bar(progress, -(-len(seqs) // batch_size), "drift function", "batch")
     try:
         angle, moments, n_tok = _reduce(net, spec.layers, layers, plist, _batches(seqs, batch_size, pad), dev,

@@ -129,6 +129,43 @@ def _check_result(result: Any, what: str) -> None:
                         f"drift.function.activation_similarity), got {type(result).__name__}")
 
 
+def _checkpoint_of(meta: dict) -> str:
+    """Which checkpoint a result's ``meta`` names: its resolved folder where that is known
+    (a weight result's ``identity`` starts with it; else the name resolved here), else the
+    name as given (a result read on another machine)."""
+    identity = meta.get("identity")
+    if isinstance(identity, str) and identity:
+        return identity.split("|", 1)[0]
+    name = str(meta.get("model"))
+    try:
+        from ..checkpoint import resolve_model
+
+        return str(resolve_model(name).resolve())
+    except Exception:  # noqa: BLE001 - not resolvable here: compared by name
+        return name
+
+
+def _check_same_model(results: dict[str, AnalysisResult], what: str) -> None:
+    """Results drawn together must be of one model (and, for two-model results, the same
+    other one): their rows are paired or set side by side by family and layer only."""
+    def model(r: AnalysisResult) -> tuple[str, str | None]:
+        other = r.meta.get("other")
+        return _checkpoint_of(r.meta), None if other is None else _checkpoint_of(
+            other if isinstance(other, dict) else {"model": other})
+
+    seen = {label: model(r) for label, r in results.items()}
+    if len(set(seen.values())) > 1:
+        names = ", ".join(f"{label}: {r.meta.get('model')!r}" + (f" vs {_other_name(r)!r}" if r.meta.get("other") else "")
+                          for label, r in results.items())
+        raise PlotArgumentError(f"{what}: the results are of different models ({names}); their rows would be "
+                                "paired by family and layer alone")
+
+
+def _other_name(r: AnalysisResult) -> str:
+    other = r.meta.get("other")
+    return str(other.get("model") if isinstance(other, dict) else other)
+
+
 def _method(result: AnalysisResult) -> str:
     if space(result) == "activations":
         return "none (activations)"

@@ -10,8 +10,8 @@ import pandas as pd
 from ..errors import PlotArgumentError
 from ..result import AnalysisResult
 from ..methods import METHODS
-from ._common import (METHOD_NAMES, _check_result, _check_value, _family_styles, _model_name, _new_axes, space,
-                      value_label)
+from ._common import (METHOD_NAMES, _check_result, _check_same_model, _check_value, _family_styles, _model_name,
+                      _new_axes, space, value_label)
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.axes import Axes
@@ -52,6 +52,7 @@ def _correlations(t: pd.DataFrame) -> pd.DataFrame:
 def _paired(weights: AnalysisResult, tie: AnalysisResult, value: str) -> pd.DataFrame:
     """:func:`weight_tie_table` of two checked results, refused in one line when empty."""
     _check_kinds(weights, tie)
+    _check_same_model({"weights": weights, "tie": tie}, "weight_vs_tie(weights, tie)")
     _check_value(value)
     if value in ("rho", "null") and not weights.df[value].notna().any():
         raise PlotArgumentError(f"the weight result has no null (it was computed with n_null=0), so no {value!r} "

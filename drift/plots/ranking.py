@@ -10,8 +10,8 @@ import pandas as pd
 
 from ..errors import PlotArgumentError
 from ..result import AnalysisResult
-from ._common import (KIND_COLORS, METHOD_COLORS, METHOD_NAMES, _as_list, _check_result, _check_value, _context,
-                      _families, _invariant, _new_axes, _title, direction, space, value_label, value_short)
+from ._common import (KIND_COLORS, METHOD_COLORS, METHOD_NAMES, _as_list, _check_result, _check_same_model,
+                      _check_value, _context, _families, _invariant, _new_axes, _title, direction, space, value_label, value_short)
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.axes import Axes
@@ -166,6 +166,7 @@ def _check_methods(results: Mapping[str, AnalysisResult]) -> None:
         raise PlotArgumentError("compare_methods needs at least one result")
     for label, r in results.items():
         _check_result(r, f"compare_methods: results[{label!r}]")
+    _check_same_model(dict(results), "compare_methods")
     spaces = {label: space(r) for label, r in results.items()}
     acts = [label for label, sp in spaces.items() if sp == "activations"]
     if acts:
