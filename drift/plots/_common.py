@@ -130,19 +130,13 @@ def _check_result(result: Any, what: str) -> None:
 
 
 def _checkpoint_of(meta: dict) -> str:
-    """Which checkpoint a result's ``meta`` names: its resolved folder where that is known
-    (a weight result's ``identity`` starts with it; else the name resolved here), else the
-    name as given (a result read on another machine)."""
-    identity = meta.get("identity")
-    if isinstance(identity, str) and identity:
-        return identity.split("|", 1)[0]
-    name = str(meta.get("model"))
-    try:
-        from ..checkpoint import resolve_model
+    """Which checkpoint a result's ``meta`` names: its folder where that is known here
+    (:func:`drift.output.model_folder_of`), else the name as given (a result read on another
+    machine)."""
+    from ..output import model_folder_of
 
-        return str(resolve_model(name).resolve())
-    except Exception:  # noqa: BLE001 - not resolvable here: compared by name
-        return name
+    folder = model_folder_of(meta)
+    return str(meta.get("model")) if folder is None else str(folder)
 
 
 def _check_same_model(results: dict[str, AnalysisResult], what: str) -> None:
