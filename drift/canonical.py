@@ -342,6 +342,9 @@ class LayerReader:
         for role, n in spec.norms.items():
             name = self.norm_names(i, role)
             w = self._t(name + ".weight") + n.offset
+            if w.numel() and not bool(w.any()):  # its readers would see nothing: every distance 0/0
+                raise CheckpointError(f"{self.ckpt.folder}: norm gain {name + '.weight'!r} is all zeros"
+                                      f"{' (after its +' + str(n.offset) + ')' if n.offset else ''}: the layer reads nothing")
             b = self._t(name + ".bias") if n.kind == "layer" else None
             norms[role] = (w, b)
         # Let the shard's mapped pages go: the next layer may live in another file, and a

@@ -198,9 +198,19 @@ class ShardIndex:
                                    ("bin", "pytorch_model.bin", "pytorch_model.bin.index.json")):
             if (folder / index).is_file():
                 try:
-                    weight_map = json.loads((folder / index).read_text())["weight_map"]
+                    weight_map = json.loads((folder / index).read_text(encoding="utf-8"))["weight_map"]
+                except UnicodeDecodeError as e:
+                    raise CheckpointError(f"{folder / index}: malformed shard index (not UTF-8: {e.reason})") from None
                 except (json.JSONDecodeError, KeyError, TypeError) as e:
                     raise CheckpointError(f"{folder / index}: malformed shard index ({e})") from None
+                if not isinstance(weight_map, dict) or not all(
+                        isinstance(k, str) and isinstance(v, str) and v for k, v in weight_map.items()):
+                    raise CheckpointError(f"{folder / index}: malformed shard index (weight_map must map "
+                                          "tensor names to file names)")
+                outside = sorted({f for f in weight_map.values() if Path(f).is_absolute() or ".." in Path(f).parts})
+                if outside:
+                    raise CheckpointError(f"{folder / index}: shard file(s) outside the checkpoint folder: "
+                                          f"{', '.join(outside)}")
                 missing = sorted({f for f in weight_map.values() if not (folder / f).is_file()})
                 if missing:
                     raise CheckpointError(f"{folder / index}: shard file(s) missing: {', '.join(missing)}")
@@ -237,9 +247,16 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
     warnings.warn(f"{path.name}: reading a pickle checkpoint with torch.load(weights_only=True); "
                   "prefer safetensors", stacklevel=3)
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
         raise CheckpointError(f"{path}: unreadable PyTorch checkpoint ({e})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: a PyTorch checkpoint holding a {type(state).__name__}, not a state dict "
+                              "(tensor name -> tensor)")
+    bad = next((k for k, v in state.items() if not isinstance(v, torch.Tensor)), None)
+    if bad is not None:
+        raise CheckpointError(f"{path}: entry {bad!r} is a {type(state[bad]).__name__}, not a tensor")
+    return state
 
 
 # --------------------------------------------------------------------------- reader

@@ -40,3 +40,8 @@ class ModelMismatchError(DriftError):
 class PlotArgumentError(DriftError, ValueError):
     """A plot asked of a result that cannot give it (a value it has no null for, families it
     lacks, a file suffix no backend writes): a ValueError too, as plotting libraries raise."""
+
+
+class ExplorerArgumentError(DriftError, ValueError):
+    """An explorer setting that cannot be shown (an unknown method, pairs, value or space, a
+    block outside the model): one line, and still a ValueError."""

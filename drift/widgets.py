@@ -37,13 +37,14 @@ ipywidgets and matplotlib are imported by :mod:`drift.explorer_view`, on use, ne
 from __future__ import annotations
 
 import logging
+import operator
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 from .analysis import PAIRS as _PAIRS
 from .cache import Cache
-from .errors import DriftError
+from .errors import DriftError, ExplorerArgumentError
 from .explorer_view import RENDER_MEMORY, render  # noqa: F401 - importable from here, as before
 from .explorer_view import (INTERRUPTED, SPACES, FigureMemory, available_models, controls, done_line,
                             error_html, figures_html, progress_bar, reset_bar, running_line, setting_tag,
@@ -116,7 +117,9 @@ class Explorer:
         self.cache = cache if isinstance(cache, Cache) else Cache(cache)
         self.activation_cache = activation_cache or Cache(self.cache.directory, namespace="activations")
         if "text" in (activation_kwargs or {}):
-            raise ValueError("the explorer reads the default text; run activation_similarity for another")
+            raise ExplorerArgumentError("the explorer reads the default text; run activation_similarity for another")
+        if isinstance(dpi, bool) or not isinstance(dpi, (int, float)) or not dpi > 0:
+            raise ExplorerArgumentError(f"dpi must be a positive number, not {dpi!r}")
         self.activation_kwargs = dict(activation_kwargs or {})
         self.progress = progress
         self.auto = auto
@@ -130,8 +133,9 @@ class Explorer:
         self.history: list[dict[str, Any]] = []
         self.interrupted = False
         self._drawn = FigureMemory()  # the figures of the last RENDER_MEMORY views
-        self._wanted_families = list(families) if families is not None else None
+        self._wanted_families = _family_list(families) if families is not None else None
         self._hold = False
+        self._unknown_said: tuple[str, ...] = ()  # wanted families a result lacked, last said
         self._result_digest = ""
         self._unselected: set[str] = set()  # families the user switched off, across methods
         self._requests = 0
@@ -244,7 +248,7 @@ class Explorer:
                 else:  # the toggle shows what activations draw; the choice waits for the weights
                     self._weights_value = value
             if families is not None:
-                self._wanted_families = list(families)
+                self._wanted_families = _family_list(families)
                 self._sync_families()
         finally:
             self._hold = False
@@ -273,9 +277,12 @@ class Explorer:
             self._block.value = (0, n - 1)
 
     def _set_block(self, block: tuple[int, int]) -> None:
-        lo, hi = (int(b) for b in block)
+        try:
+            lo, hi = (operator.index(b) for b in block)
+        except (TypeError, ValueError):
+            raise ExplorerArgumentError(f"block must be two layer numbers (first, last), not {block!r}") from None
         if not 0 <= lo <= hi <= self._block.max:
-            raise ValueError(f"block {block} is outside the model's layers 0..{self._block.max}")
+            raise ExplorerArgumentError(f"block {block} is outside the model's layers 0..{self._block.max}")
         self._block.value = (lo, hi)
 
     def _sync_controls(self) -> None:
@@ -307,6 +314,11 @@ class Explorer:
         # brings (rotation -> exact adds the circuits) is drawn, not silently left out.
         if self._wanted_families is not None:
             wanted = tuple(f for f in fams if f in self._wanted_families)
+            unknown = [f for f in self._wanted_families if f not in fams]
+            if unknown and tuple(unknown) != self._unknown_said:  # once, not at every refresh
+                self._unknown_said = tuple(unknown)
+                log.warning("families %s are not in this result (it has %s)%s", ", ".join(map(repr, unknown)),
+                            ", ".join(fams), "" if wanted else ": all are drawn")
         else:
             wanted = tuple(f for f in fams if f not in self._unselected)
         wanted = wanted or tuple(fams)
@@ -462,9 +474,22 @@ def _block_error(settings: dict[str, Any]) -> str | None:
 
 
 def _choice(v: str, allowed: Sequence[str], what: str) -> str:
-    if v not in allowed:
-        raise ValueError(f"{what} must be one of {', '.join(allowed)}, got {v!r}")
+    if not isinstance(v, str) or v not in allowed:
+        raise ExplorerArgumentError(f"{what} must be one of {', '.join(allowed)}, got {v!r}")
     return v
+
+
+def _family_list(families) -> list[str]:
+    """Families given in code: one name or several."""
+    if isinstance(families, str):
+        return [families]
+    try:
+        out = list(families)
+    except TypeError:
+        out = None
+    if out is None or not all(isinstance(f, str) for f in out):
+        raise ExplorerArgumentError(f"families must be a family name or a list of them, not {families!r}")
+    return out
 
 
 __all__ = ["Explorer", "available_models", "render"]

@@ -106,6 +106,7 @@ WEIGHT_CASES = {
     "int32 norm gain": (_set(N0, lambda w: w.to(torch.int32)), [N0, "int32"]),
     "all-zero q_proj": (_set(Q1, torch.zeros_like), [Q1, "all zeros"]),
     "all-zero down_proj": (_set(D2, torch.zeros_like), [D2, "all zeros"]),
+    "all-zero norm gain": (_set(N0, torch.zeros_like), [N0, "norm gain", "all zeros"]),
 }
 
 
@@ -208,10 +209,34 @@ def test_unreadable_config_files(text, words, model, tmp_path, capsys):
     refused(model, tmp_path, capsys, *words)
 
 
-def test_malformed_shard_index(checkpoint_copy, tmp_path, capsys):
+@pytest.mark.parametrize("index, words", [
+    ('{"weight_map": 3', ["malformed shard index"]),
+    (b"\xff\xfe{}", ["malformed shard index", "not UTF-8"]),
+    ('{"weight_map": []}', ["weight_map must map tensor names to file names"]),
+    ('{"weight_map": {"model.embed_tokens.weight": 3}}', ["weight_map must map"]),
+    ('{"weight_map": {"model.embed_tokens.weight": null}}', ["weight_map must map"]),
+    ('[1, 2]', ["malformed shard index"]),
+    ('{"weight_map": {"model.embed_tokens.weight": "../elsewhere.safetensors"}}', ["outside the checkpoint folder"]),
+    ('{"weight_map": {"model.embed_tokens.weight": "/etc/passwd"}}', ["outside the checkpoint folder", "/etc/passwd"]),
+])
+def test_malformed_shard_index(index, words, checkpoint_copy, tmp_path, capsys):
     folder = checkpoint_copy("llama", sharded=True)
-    (folder / "model.safetensors.index.json").write_text('{"weight_map": 3')
-    refused(folder, tmp_path, capsys, "shard index")
+    f = folder / "model.safetensors.index.json"
+    f.write_bytes(index) if isinstance(index, bytes) else f.write_text(index)
+    refused(folder, tmp_path, capsys, *words)
+
+
+@pytest.mark.parametrize("content, words", [
+    ([1, 2, 3], ["holding a list, not a state dict"]),
+    ({"model.embed_tokens.weight": [1.0, 2.0]}, ["'model.embed_tokens.weight' is a list, not a tensor"]),
+    ({"state_dict": {"a": torch.zeros(2)}}, ["'state_dict' is a dict, not a tensor"]),
+])
+def test_a_pickle_checkpoint_that_is_no_state_dict(content, words, checkpoint_copy, tmp_path, capsys):
+    folder = checkpoint_copy("llama")
+    (folder / "model.safetensors").unlink()
+    torch.save(content, folder / "pytorch_model.bin")
+    with pytest.warns(UserWarning, match="pickle checkpoint"):
+        refused(folder, tmp_path, capsys, *words)
 
 
 def test_shard_index_naming_a_missing_shard(checkpoint_copy, tmp_path, capsys):

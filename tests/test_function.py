@@ -432,3 +432,22 @@ def test_without_transformers_says_how_to_get_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers -> ImportError
     with pytest.raises(DriftError, match="needs transformers.*pip install"):
         activation_similarity("minilm", progress=False)
+
+
+def test_a_tokenizer_that_is_not_the_models_is_refused(checkpoint_copy):
+    """Token ids past vocab_size used to end in an IndexError inside torch.embedding (a
+    device-side assert on a GPU)."""
+    import shutil
+
+    from drift.checkpoint import bundled_path
+    from drift.function import tie
+
+    folder = checkpoint_copy("qwen3")
+    src = bundled_path("minilm")
+    for f in src.iterdir():
+        if "token" in f.name or f.name == "vocab.txt":
+            shutil.copy(f, folder / f.name)
+    for run in (lambda: activation_similarity(folder, n_seq=2, seq_len=16, progress=False),
+                lambda: tie(folder, n_seq=2, seq_len=16, progress=False, family="q_proj")):
+        with pytest.raises(DriftError, match=r"its tokenizer gives token id \d+, but the model has \d+ \(vocab_size\)"):
+            run()

@@ -296,3 +296,21 @@ def test_the_same_weights_in_another_layout_tie_the_same(name, head, tmp_path):
     assert ra.meta["block"].keys() == rb.meta["block"].keys()
     for f, v in ra.meta["block"].items():
         assert v == pytest.approx(rb.meta["block"][f], rel=1e-9)
+
+
+def test_ties_from_one_reference_draw_along_the_depth(planted):
+    """drift_along of tie(reference=0): the pairs (0, 1) and (0, 2), not only (0, 1)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from drift import plots
+
+    folder, _, _ = planted("llama")
+    t = tie(folder, family="q_proj", method="raw", reference=0, layers=[0, 1, 2], **FAST)
+    ax = plots.drift_along(t)
+    assert [x.get_text() for x in ax.get_xticklabels()] == ["0→1", "0→2"]
+    assert "ties from layer 0" in ax.get_title()
+    assert len(ax.lines[0].get_xdata()) == 2
+    plt.close(ax.figure)

@@ -257,6 +257,19 @@ def test_bad_settings(llama, cache):
         ex.set(method="procrustes")
     ex.set(block=(1, 1))
     assert ex.refresh() is None and "at least two layers" in ex.status
+    # found by fuzzing: 0.5 was read as layer 0, a family given as a string matched nothing
+    from drift.errors import DriftError
+
+    for bad in ((0.5, 1.5), "0:2", (None, None), (0, 1, 2)):
+        with pytest.raises(DriftError, match="block must be two layer numbers"):
+            ex.set(block=bad)
+    with pytest.raises(DriftError, match="families must be a family name or a list"):
+        ex.set(families=3)
+    with pytest.raises(DriftError, match="dpi must be a positive number"):
+        _explorer(llama, cache, dpi=0)
+    ex.set(block=(0, 2), families="q_proj")
+    ex.refresh()
+    assert ex._families.value == ("q_proj",)
 
 
 def test_programming_errors_are_not_swallowed(llama, tmp_path):

@@ -144,6 +144,13 @@ def reading(folder: Path, model: str, config: dict, text, tokens: str, n_seq: in
     tok = tokenizer_of(folder, model)
     seqs = token_sequences(tok, default_text() if text is None else read_text(text), n_seq, seq_len, seed)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    from ..config import _int
+
+    vocab = _int(config, "vocab_size")
+    top = max((max(s) for s in seqs if s), default=-1)
+    if top >= vocab or pad >= vocab:
+        raise DriftError(f"{model}: its tokenizer gives token id {max(top, pad)}, but the model has {vocab} "
+                         "(vocab_size): the tokenizer is not the model's")
     source = (f"text file {Path(text).resolve()}" if text is not None else
               "pydoc_data.topics (CPython's documentation topics, English prose), sorted keys")
     return seqs, pad, source

@@ -19,7 +19,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 def drift_along(result: AnalysisResult, families: str | Sequence[str] | None = None,
                 ax: "Axes | None" = None, value: str = "rho") -> "Axes":
-    """Consecutive-pair drift along the depth, one line per family.
+    """Consecutive-pair drift along the depth, one line per family (for a tie result with a
+    fixed ``reference`` layer: each of its pairs (reference, L), along L).
 
     ``value="rho"``: ρ of each pair (L, L+1), with the null at ρ = 1 drawn as a line and the
     region above it shaded ("as different as an unrelated partner").
@@ -34,6 +35,13 @@ def drift_along(result: AnalysisResult, families: str | Sequence[str] | None = N
     if value not in ("rho", "residual"):
         raise PlotArgumentError(f"drift_along shows value 'rho' or 'residual', got {value!r}")
     _check_value(value, result)
+    ref = result.meta.get("reference") if space(result) == "tie" else None
+    if isinstance(ref, int) and not isinstance(ref, bool):  # drift.function.tie(reference=L): every pair is (L, j)
+        d = result.df[result.df["layer_a"] == ref]
+        if d.empty:
+            raise PlotArgumentError(f"the tie result has no pairs from its reference layer {ref}")
+        return _along(result, d, families, ax, value, _pair_label, f"layer pair (each tied from layer {ref})",
+                      f"ties from layer {ref}")
     return _along(result, _consecutive(result), families, ax, value, _pair_label, "layer pair",
                   "consecutive pairs")
 
