@@ -383,8 +383,12 @@ def _layers(layers: Iterable[int] | None, n_layers: int, minimum: int = 2) -> li
     if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
         raise DriftError(f"layers must be an iterable of layer numbers, not {layers!r}")
     out = []
-    for L in list(layers):
-        if isinstance(L, bool) or not hasattr(L, "__index__"):
+    try:
+        given = list(layers)
+    except TypeError:  # a number, a 0-d array
+        raise DriftError(f"layers must be a list of layer numbers, not {layers!r}") from None
+    for L in given:
+        if isinstance(L, bool) or not hasattr(L, "__index__") or getattr(L, "ndim", 0):
             raise DriftError(f"layers must be integers, not {L!r}")
         L = int(L)
         if not 0 <= L < n_layers:

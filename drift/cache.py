@@ -260,6 +260,10 @@ class Cache:
                  analyze: Callable[..., AnalysisResult] | None = None, namespace: str = "weights"):
         if namespace not in NAMESPACES:
             raise ValueError(f"namespace must be one of {', '.join(NAMESPACES)}, got {namespace!r}")
+        if directory is not None and not isinstance(directory, (str, os.PathLike)):
+            from .errors import DriftError
+
+            raise DriftError(f"cache must be a Cache or a folder for one, not {directory!r}")
         self.directory = _expand(directory, "cache folder") if directory is not None else default_dir()
         self._analyze = analyze
         self.namespace = namespace
@@ -316,7 +320,13 @@ class Cache:
         def open_(model: Any) -> Any:
             if isinstance(model, (str, os.PathLike)):
                 return Checkpoint.open(model)
-            return getattr(model, "ckpt", model)  # an open Checkpoint, or a LayerReader over one
+            ckpt = getattr(model, "ckpt", model)  # an open Checkpoint, or a LayerReader over one
+            if not hasattr(ckpt, "identity"):
+                from .errors import ModelNotFoundError
+
+                raise ModelNotFoundError(f"model must be a checkpoint folder, a cached repo id, a bundled name "
+                                         f"or an open LayerReader, not {model!r}")
+            return ckpt
 
         def checkpoint(ckpt: Any) -> dict[str, str]:
             return {"identity": ckpt.identity(), "config": _checksum(getattr(ckpt, "config", None))}

@@ -222,4 +222,19 @@ class AnalysisResult:
 
     @classmethod
     def from_json(cls, path: str | Path) -> "AnalysisResult":
-        return cls.from_json_dict(json.loads(Path(path).read_text()))
+        """A result :meth:`to_json` wrote. Anything else (another JSON file, not JSON, not
+        UTF-8, unreadable) is a :class:`~drift.errors.DriftError` naming the file."""
+        from .errors import DriftError
+
+        try:
+            d = json.loads(Path(path).read_text(encoding="utf-8"))
+        except OSError as e:
+            raise DriftError(f"{path}: {e.strerror or e}") from None
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise DriftError(f"{path}: not a drift result (not JSON: {e})") from None
+        if not isinstance(d, dict) or not isinstance(d.get("rows"), list):
+            raise DriftError(f"{path}: not a drift result (no table rows; one that to_json wrote?)")
+        try:
+            return cls.from_json_dict(d)
+        except Exception as e:  # noqa: BLE001 - a damaged file, whatever the damage
+            raise DriftError(f"{path}: not a readable drift result ({type(e).__name__}: {e})") from None

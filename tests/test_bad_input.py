@@ -610,3 +610,41 @@ def test_a_result_takes_every_number_column():
     assert r.summary(by="embedding_cos")["mean"].eq(0.5).all()
     null = r.df.query("family == 'q_proj' and layer_a == 0")["null"].item()
     assert r.matrix("q_proj", value="null").loc[0, 1] == null
+
+
+def test_python_arguments_of_the_wrong_kind_are_one_line(tmp_path):
+    """Found by fuzzing the Python API: each of these ended in a TypeError, KeyError,
+    AttributeError or FileNotFoundError from deep inside; now a DriftError naming the argument
+    (reference: numpy's integers are taken, as counts are)."""
+    import numpy as np
+
+    import drift
+    from drift.cache import cached_analyze
+    from drift.errors import DriftError
+    from drift.function import activation_similarity, tie
+    from drift.result import AnalysisResult
+
+    quick = dict(tokens="random", n_seq=2, seq_len=8, progress=False)
+    (tmp_path / "config.json").write_text('{"hidden_size": 64}')
+    (tmp_path / "list.json").write_text("[1]")
+    (tmp_path / "binary.json").write_bytes(b"\xff\xfe\x00")
+    cases = [
+        (lambda: tie("tiny-qwen3", family=None, **quick), "family must be 'all', a family name or a list"),
+        (lambda: tie("tiny-qwen3", family=3, **quick), "family must be"),
+        (lambda: drift.analyze("tiny-qwen3", layers=torch.tensor(1), progress=False), "layers must be a list"),
+        (lambda: drift.analyze("tiny-qwen3", layers=np.array([[0, 1]]), progress=False), "layers must be integers"),
+        (lambda: activation_similarity("minilm", text=5, progress=False), "text must be the path of a text file"),
+        (lambda: activation_similarity("minilm", text=tmp_path / "none.txt", progress=False), "No such file"),
+        (lambda: activation_similarity("minilm", text="", progress=False), "an empty name"),
+        (lambda: AnalysisResult.from_json(tmp_path / "config.json"), "not a drift result"),
+        (lambda: AnalysisResult.from_json(tmp_path / "list.json"), "not a drift result"),
+        (lambda: AnalysisResult.from_json(tmp_path / "binary.json"), "not a drift result .not JSON"),
+        (lambda: cached_analyze(None, cache=tmp_path / "c"), "model must be a checkpoint folder"),
+        (lambda: cached_analyze("tiny-qwen3", cache=5), "cache must be a Cache or a folder"),
+    ]
+    for call, words in cases:
+        with pytest.raises(DriftError, match=words) as e:
+            call()
+        assert "\n" not in str(e.value)
+    r = tie("tiny-qwen3", family="q_proj", reference=np.int64(0), layers=[0, 1, 2], **quick)
+    assert r.meta["reference"] == 0 and type(r.meta["reference"]) is int

@@ -451,3 +451,13 @@ def test_a_tokenizer_that_is_not_the_models_is_refused(checkpoint_copy):
                 lambda: tie(folder, n_seq=2, seq_len=16, progress=False, family="q_proj")):
         with pytest.raises(DriftError, match=r"its tokenizer gives token id \d+, but the model has \d+ \(vocab_size\)"):
             run()
+
+
+def test_a_text_file_reads_as_text_mode_does(tmp_path):
+    """read_text reads bytes (to bound what a device gives) and decodes them as Python's text
+    mode does: \\r\\n and \\r are newlines, a BOM stays, so the windows (and numbers) stay."""
+    from drift.function.text import read_text
+
+    f = tmp_path / "t.txt"
+    f.write_bytes("\ufeffa\r\nb\rc\n\r\nd é".encode("utf-8"))
+    assert read_text(f) == f.read_text(encoding="utf-8")

@@ -96,12 +96,30 @@ def first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {msg.splitlines()[0]}" if msg else type(e).__name__
 
 
+MAX_TEXT_BYTES = 256 << 20
+"""The most a text file may hold (256 MiB; CPython's documentation is about 1 MB): past it, a
+device like /dev/zero or a wrong file, not text to read whole."""
+
+
 def read_text(path: str | Path) -> str:
-    """A UTF-8 text file's content; a DriftError when it is not UTF-8 or holds no text."""
+    """A UTF-8 text file's content; a DriftError when it cannot be read, is not UTF-8, holds
+    no text or is larger than :data:`MAX_TEXT_BYTES`. A pipe (``<(...)``) is read too."""
+    if isinstance(path, bytes) or not isinstance(path, (str, Path)) and not hasattr(path, "__fspath__"):
+        raise DriftError(f"text must be the path of a text file, not {path!r}")
+    if not str(path).strip():
+        raise DriftError(f"text file {str(path)!r}: an empty name")
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        with open(path, "rb") as f:
+            data = f.read(MAX_TEXT_BYTES + 1)
+    except OSError as e:
+        raise DriftError(f"text file {path}: {e.strerror or e}") from None
+    if len(data) > MAX_TEXT_BYTES:
+        raise DriftError(f"text file {path}: more than {MAX_TEXT_BYTES >> 20} MiB, not a text to read whole")
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise DriftError(f"text file {path}: not UTF-8 ({e.reason} at byte {e.start})") from None
+    text = text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as text mode reads it
     if not text.strip():
         raise DriftError(f"text file {path} holds no text")
     return text

@@ -38,10 +38,12 @@ basis.
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
+import numpy as np
 import torch
 
 from .. import __version__
@@ -75,7 +77,12 @@ def families_of(sym, family: str | Iterable[str] = "all") -> list[str]:
     have = [f for f in FAMILY_TENSORS if f != "gate_proj" or sym.is_glu] + list(GROUPS)
     if family == "all":
         return have
-    asked = [family] if isinstance(family, str) else list(family)
+    try:
+        asked = [family] if isinstance(family, str) else list(family)
+    except TypeError:
+        asked = None
+    if asked is None or not all(isinstance(f, str) for f in asked):
+        raise DriftError(f"family must be 'all', a family name or a list of them, not {family!r}")
     for i, f in enumerate(asked):
         if f in asked[:i]:
             raise DriftError(f"family {f!r} is given twice")
@@ -113,9 +120,20 @@ def null_partner(layer: CanonicalLayer, gen: torch.Generator) -> CanonicalLayer:
     return out
 
 
+def _reference(reference):
+    """``reference`` with numpy's integers taken as Python ints (as counts are everywhere)."""
+    if isinstance(reference, (str, bool, np.bool_)) or not hasattr(reference, "__index__"):
+        return reference
+    try:
+        return operator.index(reference)
+    except TypeError:  # an array
+        return reference
+
+
 def reference_pairs(layers: list[int], reference: str | int) -> list[tuple[int, int]]:
     """(reference, target) per target layer: ``"previous"`` or one anchor layer of the block."""
-    if reference == "previous":
+    reference = _reference(reference)
+    if isinstance(reference, str) and reference == "previous":
         return list(zip(layers[:-1], layers[1:]))
     if isinstance(reference, bool) or not isinstance(reference, int) or reference not in layers:
         raise DriftError(f"reference must be 'previous' or a layer of the block {layers[0]}..{layers[-1]}, "
@@ -264,6 +282,7 @@ def tie(model: str, family: str | Iterable[str] = "all", layers: Iterable[int] |
     n_seq, seq_len, batch_size = check_reading(n_seq, seq_len, batch_size, tokens, text)
     m = get_method(method)
     seed, tdtype, dev, folder, config, spec, layers = setup(model, layers, seed, dtype, device)
+    reference = _reference(reference)
     pairs = reference_pairs(layers, reference)
     reader = LayerReader(Checkpoint.open(folder), torch.float64)
     fams = families_of(reader.read(layers[0]).sym, family)
