@@ -47,7 +47,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         dev = torch.device(device)
     except (RuntimeError, TypeError, ValueError):
         dev = None
-    if dev is None or dev.type not in ("cpu", "cuda"):
+    if dev is None or dev.type not in ("cpu", "cuda") or (dev.type == "cpu" and dev.index not in (None, 0)):
         raise DriftError(f"device must be auto, cpu or cuda (cuda:N), not {device!r}")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise DriftError(f"device {str(device)!r} requested but no CUDA device is available")

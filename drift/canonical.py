@@ -203,8 +203,12 @@ homogeneous nor odd, so a unit's gate can be neither scaled nor sign-flipped, an
 unit only permuted."""
 
 
+MAX_LAYERS = 100_000
+"""More layers than this in config.json is a damaged config, not a model (the deepest are hundreds)."""
+
+
 def n_layers_of(config: dict[str, Any]) -> int:
-    return _int(config, "num_hidden_layers", "n_layer")
+    return _int(config, "num_hidden_layers", "n_layer", maximum=MAX_LAYERS)
 
 
 # --------------------------------------------------------------------------- reading

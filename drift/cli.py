@@ -125,6 +125,8 @@ def analyze_command(args: argparse.Namespace) -> int:
         raise DriftError("--pairs consecutive compares layers of one model: with --other use diagonal or all")
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
     reader = open_layers(args.model, dtype)
+    if args.other is not None and not str(args.other).strip():
+        raise DriftError(f"--other {args.other!r} is an empty name: give the second model, or leave --other out")
     other = open_layers(args.other, dtype) if args.other is not None else None
     n = reader.n_layers
     start = 0 if args.block_start is None else args.block_start
@@ -140,7 +142,7 @@ def analyze_command(args: argparse.Namespace) -> int:
     else:
         vs = f"_vs_{Path(args.other).name or 'other'}" if other is not None else ""
         out = check_output(free_name(Path(f"drift_{Path(args.model).name or 'model'}{vs}_{args.method}.json")),
-                           folder)
+                           folder, label="the default --out")
     if other is not None:
         check_output(out, other.ckpt.folder, True)  # nor inside the other model's folder
     if args.scheduler is not None:  # the workers open the checkpoints themselves, by name

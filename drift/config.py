@@ -20,9 +20,11 @@ def _which(config: dict[str, Any], keys: tuple[str, ...]) -> str:
     return next((k for k in keys if config.get(k) is not None), keys[0])
 
 
-def _int(config: dict[str, Any], *keys: str, default: int | None = None, minimum: int = 1) -> int:
-    """An integer config field (the first of ``keys`` present), at least ``minimum``; a
-    ConfigError names the field otherwise. ``default``: when none is present (None: required)."""
+def _int(config: dict[str, Any], *keys: str, default: int | None = None, minimum: int = 1,
+         maximum: int = 1 << 40) -> int:
+    """An integer config field (the first of ``keys`` present), in ``minimum`` .. ``maximum``
+    (by default far past any real shape, not so far that a list of that many exhausts memory);
+    a ConfigError names the field otherwise. ``default``: when none is present (None: required)."""
     v = _cfg(config, *keys)
     if v is None:
         if default is None:
@@ -31,6 +33,8 @@ def _int(config: dict[str, Any], *keys: str, default: int | None = None, minimum
     integral = isinstance(v, int) or isinstance(v, float) and math.isfinite(v) and v.is_integer()
     if isinstance(v, bool) or not integral or int(v) < minimum:
         raise ConfigError(f"config.json: {_which(config, keys)} must be an integer ≥ {minimum}, not {v!r}")
+    if int(v) > maximum:
+        raise ConfigError(f"config.json: {_which(config, keys)} is {v!r}, more than {maximum} (a damaged config?)")
     return int(v)
 
 

@@ -25,6 +25,8 @@ SEED_LIMIT = 2 ** 53
 def check_seed(seed) -> int:
     """``seed`` as an int in [0, SEED_LIMIT), or a DriftError naming it."""
     try:
+        if isinstance(seed, bool) or type(seed).__name__ == "bool_":  # True is no seed (as for n_null)
+            raise TypeError
         seed = operator.index(seed)
     except TypeError:
         raise DriftError(f"seed must be an integer, not {seed!r}") from None

@@ -381,8 +381,28 @@ def test_model_dot_does_not_write_into_the_checkpoint(model, capsys, monkeypatch
     monkeypatch.chdir(model)
     before = _digest(model)
     rc, err = run_cli(["analyze", "--model", ".", "--quiet"], capsys)
-    assert_one_line(rc, err, "inside the model folder")
+    assert_one_line(rc, err, "the default --out", "inside the model folder")  # no --out was given
     assert _digest(model) == before
+
+
+def test_small_refusals_from_fuzzing(model, tmp_path, capsys, checkpoint_copy):
+    """An empty --other is named as --other; a seed of True and a CPU index are refused; a
+    layer count or a token count too large for memory is named, not a MemoryError."""
+    import drift
+    from drift.errors import ConfigError, DriftError
+    from drift.function import activation_similarity
+
+    with pytest.raises(ConfigError, match="num_hidden_layers is 1000000000000, more than 100000"):
+        drift.open_layers(str(checkpoint_copy("llama", num_hidden_layers=10 ** 12)))
+    with pytest.raises(DriftError, match="random tokens do not fit in memory"):
+        activation_similarity("tiny-qwen3", tokens="random", n_seq=10 ** 12, progress=False)
+
+    rc, err = run_cli(["analyze", "--model", str(model), "--other", "", "--out", str(tmp_path / "o.json")], capsys)
+    assert_one_line(rc, err, "--other '' is an empty name")
+    for kw, words in ((dict(seed=True), "seed must be an integer, not True"),
+                      (dict(device="cpu:1"), "device must be auto, cpu or cuda")):
+        with pytest.raises(DriftError, match=words):
+            drift.analyze(model, progress=False, n_null=0, **kw)
 
 
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")

@@ -120,7 +120,8 @@ def command(args: argparse.Namespace) -> int:
     if args.out:
         out = check_output(args.out, folder, args.force)
     else:
-        out = check_output(free_name(Path(f"drift_{Path(args.model).name or 'model'}_function.json")), folder)
+        out = check_output(free_name(Path(f"drift_{Path(args.model).name or 'model'}_function.json")), folder,
+                           label="the default --out")
     result = activation_similarity(args.model, layers=layers, pairs=args.pairs, text=args.text,
                                    tokens=args.tokens, n_seq=args.n_seq, seq_len=args.seq_len, seed=args.seed,
                                    dtype=args.dtype, device=args.device, progress=not args.quiet)
@@ -195,7 +196,7 @@ def tie_command(args: argparse.Namespace) -> int:
         out = check_output(args.out, folder, args.force)
     else:
         name = f"drift_{Path(args.model).name or 'model'}_tie_{args.method}.json"
-        out = check_output(free_name(Path(name)), folder)
+        out = check_output(free_name(Path(name)), folder, label="the default --out")
     result = tie(args.model, family=family, layers=layers, method=args.method, reference=reference,
                  text=args.text, tokens=args.tokens, n_seq=args.n_seq, seq_len=args.seq_len,
                  seed=args.seed, dtype=args.dtype, device=args.device, progress=not args.quiet)

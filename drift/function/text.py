@@ -128,7 +128,10 @@ def read_text(path: str | Path) -> str:
 def random_tokens(vocab: int, n_seq: int, seq_len: int, seed: int) -> list[list[int]]:
     """``n_seq`` sequences of ``seq_len`` ids uniform over ``0..vocab-1`` (not text)."""
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab, (n_seq, seq_len), generator=g).tolist()  # (n_seq, seq_len)
+    try:
+        return torch.randint(0, vocab, (n_seq, seq_len), generator=g).tolist()  # (n_seq, seq_len)
+    except (RuntimeError, MemoryError):  # torch's "can't allocate", Python's list
+        raise DriftError(f"n_seq × seq_len = {n_seq} × {seq_len} random tokens do not fit in memory") from None
 
 
 def check_reading(n_seq, seq_len, batch_size, tokens: str, text) -> tuple[int, int, int]:
