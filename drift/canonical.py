@@ -33,7 +33,7 @@ import torch
 
 from .archs import ArchSpec, find_arch
 from .checkpoint import Checkpoint
-from .config import _cfg, _int, _num, _which
+from .config import _cfg, _int, _num
 from .errors import (CheckpointError, ConfigError, LayerIndexError, MissingTensorError,
                      UnsupportedArchitectureError)
 
@@ -179,14 +179,8 @@ def symmetry_of(spec: ArchSpec, config: dict[str, Any]) -> LayerSymmetry:
         theta = _num(where, "rope_theta", "rotary_emb_base", default=10000.0)
     else:
         rotary_dims, theta = 0, 0.0
-    act_keys = ("hidden_activation", "hidden_act", "activation_function")
-    act = _cfg(config, *act_keys, default=None)
-    if act is not None and not (isinstance(act, str) and act in ACTIVATIONS):  # absent: the class default, one of them
-        raise UnsupportedArchitectureError(
-            f"{spec.name}: config field {_which(config, act_keys)}={act!r} is not supported: the symmetry groups "
-            f"are derived for silu and gelu ({', '.join(sorted(ACTIVATIONS))}); another activation can have "
-            "more (ReLU: a positive scale per unit) that the exact method would not remove")
-    act = "?" if act is None else act
+    act = _cfg(config, "hidden_activation", "hidden_act", "activation_function", default=None)
+    act = "?" if act is None else act if isinstance(act, str) else repr(act)  # "?": the class's default
     return LayerSymmetry(
         arch=spec.name, n_heads=nh, n_kv_heads=nkv, d_head=dh, d_model=H, d_ff=F,
         rope=spec.rope, rotary_dims=rotary_dims, rope_theta=theta, qk_norm=spec.qk_norm,
@@ -196,11 +190,16 @@ def symmetry_of(spec: ArchSpec, config: dict[str, Any]) -> LayerSymmetry:
     )
 
 
-ACTIVATIONS = frozenset({"silu", "swish", "gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh", "gelu_python",
-                         "gelu_accurate", "quick_gelu"})
-"""MLP activations (``transformers``' names) whose symmetries gauge-spec §2.4 derives: neither
-homogeneous nor odd, so a unit's gate can be neither scaled nor sign-flipped, and a non-gated
-unit only permuted."""
+ACTIVATIONS = frozenset({"silu", "swish", "quick_gelu"})
+"""MLP activations (``transformers``' names; and every ``gelu*`` variant) whose symmetries
+gauge-spec §2.4 derives: neither homogeneous nor odd, so a unit's gate can be neither scaled
+nor sign-flipped, and a non-gated unit only permuted. ``?``: none given, the config class's
+default (one of these for every supported architecture)."""
+
+
+def activation_group_known(act: str) -> bool:
+    """Is ``act`` (a :class:`LayerSymmetry`'s) one whose symmetry group :mod:`drift.methods.exact` removes?"""
+    return act == "?" or act in ACTIVATIONS or act.startswith("gelu")
 
 
 MAX_LAYERS = 100_000

@@ -45,13 +45,14 @@ def is_drift_csv(path: Path) -> bool:
         return False
 
 
-def check_output(path: str | Path, model_folder: Path | None = None, force: bool = False,
+def check_output(path: str | Path, model_folder: Path | list[Path] | None = None, force: bool = False,
                  label: str = "--out", force_hint: str = "pass --force to replace it",
-                 ours=is_drift_result, what: str = "a drift result") -> Path:
+                 ours=is_drift_result, what: str = "a drift result", make_folder: bool = False) -> Path:
     """``path``, made absolute, if a result may be written there; else an OutputError
     naming the problem. See the module docstring for the rules. ``label``, ``force_hint``:
     how the caller names the path and the override (the CLI's ``--out``, ``--force``);
-    ``ours(path)``: is an existing file one drift wrote, ``what``: such a file, named."""
+    ``ours(path)``: is an existing file one drift wrote, ``what``: such a file, named;
+    ``make_folder``: create a missing folder (once the name and the model folder are checked)."""
     try:
         p = Path(path).expanduser()
     except RuntimeError as e:  # ~user that does not exist
@@ -62,11 +63,16 @@ def check_output(path: str | Path, model_folder: Path | None = None, force: bool
         p = p.resolve()
     except (OSError, RuntimeError) as e:
         raise OutputError(f"{label} {path}: cannot resolve ({e.strerror or e})") from None
-    if model_folder is not None:
-        model = Path(model_folder).resolve()
+    for model in ([] if model_folder is None else model_folder if isinstance(model_folder, list) else [model_folder]):
+        model = Path(model).resolve()
         if p == model or model in p.parents:
             raise OutputError(f"{label} {p} is inside the model folder {model}; write the result elsewhere")
     folder = p.parent
+    if make_folder and not folder.exists():
+        try:
+            folder.mkdir(parents=True)
+        except OSError as e:
+            raise OutputError(f"{label} {p}: cannot make folder {folder} ({e.strerror or e})") from None
     if not folder.is_dir():
         raise OutputError(f"{label} {p}: folder {folder} does not exist")
     try:  # a file made and removed: os.access says yes to root on /proc, where none can be made
@@ -82,6 +88,20 @@ def check_output(path: str | Path, model_folder: Path | None = None, force: bool
     if p.exists() and not force and not ours(p):
         raise OutputError(f"{label} {p} exists and is not {what}; {force_hint}")
     return p
+
+
+def model_folders_of(meta: dict) -> list[Path]:
+    """The checkpoint folders of a result known here: its model's and, for two models, the other's."""
+    other = meta.get("other")
+    metas = [meta] + ([other if isinstance(other, dict) else {"model": other}] if other is not None else [])
+    return [f for f in map(model_folder_of, metas) if f is not None]
+
+
+def check_result_output(path, meta: dict, force: bool, label: str, **kw) -> Path:
+    """:func:`check_output` for a result written from Python (``to_json``, ``export_csv``):
+    the CLI's rules, with ``force=True`` allowing an existing file and the model's folder."""
+    return check_output(path, [] if force else model_folders_of(meta), force, label=label,
+                        force_hint="pass force=True to replace it", **kw)
 
 
 def model_folder_of(meta: dict) -> Path | None:

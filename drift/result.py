@@ -196,13 +196,12 @@ class AnalysisResult:
 
     def to_json(self, path: str | Path, force: bool = False) -> Path:
         """Write the result as JSON (:meth:`to_json_dict`), atomically. Refused (an
-        :class:`~drift.output.OutputError`) as ``drift analyze --out`` is: inside the model's
-        folder, a folder, a device or pipe, or an existing file that is not a drift result
-        (``force=True`` replaces that)."""
-        from .output import check_output, model_folder_of, write_atomic
+        :class:`~drift.output.OutputError`) as ``drift analyze --out`` is: a folder, a device
+        or pipe, and unless ``force=True``, an existing file that is not a drift result or a
+        path inside a model's folder."""
+        from .output import check_result_output, write_atomic
 
-        p = check_output(path, model_folder_of(self.meta), force, label="to_json:",
-                         force_hint="pass force=True to replace it")
+        p = check_result_output(path, self.meta, force, "to_json:")
         return write_atomic(p, json.dumps(self.to_json_dict(), indent=2))
 
     @classmethod

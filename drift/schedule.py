@@ -198,15 +198,24 @@ class DeviceThreads:
         from concurrent.futures import ThreadPoolExecutor
 
         self._rounds = _round_pool(self.width) if self.processes else None
-        self._pool = ThreadPoolExecutor(self.width, thread_name_prefix="drift-compare")
-        self._forms = ThreadPoolExecutor(1, thread_name_prefix="drift-forms")
+        try:
+            self._pool = ThreadPoolExecutor(self.width, thread_name_prefix="drift-compare")
+            self._forms = ThreadPoolExecutor(1, thread_name_prefix="drift-forms")
+        except BaseException:
+            if self._rounds is not None:
+                self._rounds.shutdown(wait=False, cancel_futures=True)
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
-        self._forms.shutdown(wait=True, cancel_futures=True)
-        if self._rounds is not None:
-            self._rounds.shutdown(wait=True, cancel_futures=True)
+        try:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        finally:
+            try:
+                self._forms.shutdown(wait=True, cancel_futures=True)
+            finally:
+                if self._rounds is not None:
+                    self._rounds.shutdown(wait=True, cancel_futures=True)
 
     def _solve_round(self, *args):
         from .certified import sparse_round
@@ -234,15 +243,27 @@ class DeviceThreads:
 def _round_pool(workers: int):
     """``workers`` processes for the certified path's sparse rounds, forked now, while this
     process holds no layer forms (a worker's RSS counts every page it shares with its parent);
-    like :class:`drift.assign.lap_pool`'s, they only run numpy and scipy (no torch, no CUDA)."""
+    like :class:`drift.assign.lap_pool`'s, they only run numpy and scipy (no torch, no CUDA).
+    None (said in a warning) when no process can be started."""
+    import gc
+    import logging
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
     import scipy.sparse.csgraph  # noqa: F401 - imported once here, not again in every worker
 
     pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=assign._worker_init)
-    for f in [pool.submit(int) for _ in range(workers)]:
-        f.result()
+    gc.freeze()  # a worker's collections then leave the inherited objects' pages shared
+    try:
+        for f in [pool.submit(int) for _ in range(workers)]:
+            f.result()
+    except OSError as e:  # no process to be had (a pids limit, memory): the rounds stay in the threads
+        pool.shutdown(wait=False, cancel_futures=True)
+        logging.getLogger(__name__).warning("no worker processes for the sparse rounds (%s); they run in "
+                                            "the comparison threads", e)
+        return None
+    finally:
+        gc.unfreeze()
     return pool
 
 

@@ -37,6 +37,7 @@ ipywidgets and matplotlib are imported by :mod:`drift.explorer_view`, on use, ne
 from __future__ import annotations
 
 import logging
+import numbers
 import operator
 import time
 from pathlib import Path
@@ -118,7 +119,7 @@ class Explorer:
         self.activation_cache = activation_cache or Cache(self.cache.directory, namespace="activations")
         if "text" in (activation_kwargs or {}):
             raise ExplorerArgumentError("the explorer reads the default text; run activation_similarity for another")
-        if isinstance(dpi, bool) or not isinstance(dpi, (int, float)) or not dpi > 0:
+        if isinstance(dpi, bool) or not isinstance(dpi, numbers.Real) or not dpi > 0:
             raise ExplorerArgumentError(f"dpi must be a positive number, not {dpi!r}")
         self.activation_kwargs = dict(activation_kwargs or {})
         self.progress = progress

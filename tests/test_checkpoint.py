@@ -275,20 +275,29 @@ def test_refused_config_field(checkpoint_copy, name, field, value):
 @pytest.mark.parametrize("name, field, value", [
     ("llama", "hidden_act", "relu"), ("gpt2", "activation_function", "relu"), ("bert", "hidden_act", "tanh"),
     ("gemma2", "hidden_activation", "relu2"), ("qwen3", "hidden_act", ["silu"])])
-def test_an_activation_without_a_derived_symmetry_group_is_refused(checkpoint_copy, name, field, value):
+def test_an_activation_without_a_derived_symmetry_group_is_refused_by_exact(checkpoint_copy, name, field, value):
     """ReLU is homogeneous (a positive scale per unit is a symmetry), tanh odd (a sign per unit):
-    groups the exact method does not remove, so its residuals would read too high. The
-    weights path refuses them; the activations path, blind to the gauge, runs."""
-    from drift.function import activation_similarity
+    groups the exact method does not remove, so its residuals would read too high. The exact
+    method (and the exact tie) refuses them; raw and the activations, which assume no group, run."""
+    from drift.function import activation_similarity, tie
 
     folder = checkpoint_copy(name, **{field: value})
-    with pytest.raises(UnsupportedArchitectureError, match=re.escape(f"config field {field}={value!r} is not supported")):
-        drift.open_layers(str(folder))
-    with pytest.raises(UnsupportedArchitectureError, match="derived for silu and gelu"):
-        drift.analyze(folder, progress=False)
+    drift.open_layers(str(folder))
+    with pytest.raises(UnsupportedArchitectureError, match=re.escape(f"activation {value if isinstance(value, str) else repr(value)!r}"
+                                                                     ) + ".*not supported by the exact method"):
+        drift.analyze(folder, progress=False, n_null=0)
     if name == "llama":
-        r = activation_similarity(folder, tokens="random", n_seq=2, seq_len=8, progress=False)
-        assert r.df["residual"].notna().all()
+        assert drift.analyze(folder, method="raw", progress=False, n_null=0).df["residual"].notna().all()
+        quick = dict(tokens="random", n_seq=2, seq_len=8, progress=False)
+        assert activation_similarity(folder, **quick).df["residual"].notna().all()
+        with pytest.raises(UnsupportedArchitectureError, match="exact method"):
+            tie(folder, family="q_proj", **quick)
+
+
+@pytest.mark.parametrize("act", ["gelu_python_tanh", "gelu_10", "gelu_new", "quick_gelu"])
+def test_every_gelu_variant_is_taken(checkpoint_copy, act):
+    folder = checkpoint_copy("gpt2", activation_function=act)
+    assert drift.analyze(folder, progress=False, n_null=0, layers=[0, 1]).df["residual"].notna().all()
 
 
 def test_missing_tensor(checkpoint_copy):

@@ -388,7 +388,7 @@ def test_a_short_text_warns_of_the_sequences_it_gives(tmp_path, caplog):
         r = activation_similarity("minilm", layers=[0, 1], text=f, n_seq=2, progress=False)
     assert r.meta["n_tokens"] == 3  # [CLS] hi [SEP]
     assert caplog.messages == ["the text gives 1 sequence of 3 tokens, not the 2 asked for",
-                               "the update CKA from 3 tokens, no more than the model's width (384): with so few "
+                               "the update CKA from 3 tokens, fewer than the model's width (384): with so few "
                                "it reads closer to 1 than the layers are alike"]
 
 

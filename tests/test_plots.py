@@ -297,9 +297,25 @@ def test_compare_methods_needs_results():
 def test_compare_methods_refuses_results_of_different_models():
     """Bars of one family side by side are one model's methods; another model's result has
     the same families and pairs and would be drawn as if it were one."""
-    with pytest.raises(ValueError, match=r"different models \(exact: 'a', raw: 'b'\)"):
+    def with_identity(r, identity):
+        return AnalysisResult(r.df, {**r.meta, "identity": identity})
+
+    a = with_identity(make_result(model="a"), "/m/a|model.safetensors:1000:1:2:3")
+    b = with_identity(make_result("raw", model="b"), "/m/b|model.safetensors:2000:1:2:3")
+    with pytest.raises(ValueError, match=r"different models \(exact: 'a' in /m/a, raw: 'b' in /m/b: other weight files\)"):
+        plots.compare_methods({"exact": a, "raw": b})
+    # the same files read elsewhere (another machine, another working folder), or no identity: said, drawn
+    copy = with_identity(make_result("raw", model="a"), "/elsewhere/a|model.safetensors:1000:7:8:9")
+    with pytest.warns(UserWarning, match="the same weight files and sizes"):
+        plots.compare_methods({"exact": a, "raw": copy})
+    with pytest.warns(UserWarning, match="names the model 'a' and raw 'b'"):
         plots.compare_methods({"exact": make_result(model="a"), "raw": make_result("raw", model="b")})
-    plots.compare_methods({"exact": make_result(model="a"), "raw": make_result("raw", model="a")})
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plots.compare_methods({"exact": a, "raw": with_identity(make_result("raw", model="a"), a.meta["identity"])})
+        plots.compare_methods({"exact": make_result(model="a"), "raw": make_result("raw", model="a")})
 
 
 def test_a_plot_asked_wrongly_is_a_drift_error():
@@ -713,8 +729,10 @@ def test_a_result_written_from_python_keeps_the_cli_rules(tmp_path, cons):
         cons.to_json(tmp_path / "pipe.json", force=True)
     with pytest.raises(OutputError, match="is a folder"):
         plots.export_csv(cons, tmp_path)
-    with pytest.raises(OutputError, match="not a file name"):
-        cons.to_json(f"{tmp_path}/x.json/")
+    for write in (cons.to_json, lambda p: plots.export_csv(cons, p)):
+        with pytest.raises(OutputError, match="not a file name"):
+            write(f"{tmp_path}/new/x.json/")
+    assert not (tmp_path / "new").exists()
     model = AnalysisResult(cons.df, {**cons.meta, "model": "tiny-qwen3"})
     with pytest.raises(OutputError, match="inside the model folder"):
         model.to_json(resolve_model("tiny-qwen3") / "r.json")

@@ -184,6 +184,20 @@ def test_weight_vs_tie_figure(planted):
     other = analyze(planted("bert")[0], method="exact", progress=False)
     with pytest.raises(PlotArgumentError, match="the results are of different models"):
         plots.weight_tie_correlations(other, t)
+    # the same checkpoint, named otherwise and read back elsewhere (found in review): drawn
+    import os
+
+    from drift.result import AnalysisResult
+
+    here = os.getcwd()
+    os.chdir(folder.parent)
+    try:
+        w2 = analyze(folder.name, method="exact", progress=False)
+        t2 = tie(folder.name, family=["q_proj", "up_proj"], method="raw", **FAST)
+        back = [AnalysisResult.from_json(r.to_json(folder.parent / f"{k}.json")) for k, r in (("w", w2), ("t", t2))]
+    finally:
+        os.chdir(here)
+    assert plots.weight_tie_correlations(*back).loc[0, "n"] == 4
     import matplotlib.pyplot as plt
 
     plt.close(ax.figure)  # later tests check that pyplot holds no figure

@@ -16,7 +16,7 @@ from .. import __version__, families
 from ..analysis import _progress_bar, _dtype, _layers, layer_pairs, resolve_device
 from ..archs import find_arch
 from ..canonical import n_layers_of
-from ..checkpoint import read_config, resolve_model
+from ..checkpoint import Checkpoint, read_config, resolve_model
 from ..config import _int
 from ..errors import CheckpointError, DriftError
 from ..null import check_seed
@@ -263,8 +263,8 @@ def activation_similarity(model: str | Path, layers: Iterable[int] | None = None
                          f"at least {MIN_TOKENS} (of 2 it is 1 whatever the layers); give more text or longer sequences")
 
     net = _load_model(folder, str(model), tdtype, dev, quiet=not progress)
-    if counted <= width:  # said once the model is known to load: a refusal stays one line
-        log.warning("the update CKA from %d tokens, no more than the model's width (%d): with so few it reads "
+    if counted < width:  # said once the model is known to load: a refusal stays one line
+        log.warning("the update CKA from %d tokens, fewer than the model's width (%d): with so few it reads "
                     "closer to 1 than the layers are alike", counted, width)
     bar = _progress_bar(progress, -(-len(seqs) // batch_size), "drift function", "batch")
     try:
@@ -282,7 +282,8 @@ def activation_similarity(model: str | Path, layers: Iterable[int] | None = None
     import pandas as pd
 
     meta = dict(
-        model=str(model), architecture=spec.name, method="activations", space="activations",
+        model=str(model), identity=Checkpoint.open(folder).identity(), architecture=spec.name,
+        method="activations", space="activations",
         pairs=pairs, layers=layers, seed=seed, dtype=str(tdtype).replace("torch.", ""), device=str(dev),
         drift_version=__version__, tokens=tokens, text=source, n_seq=len(seqs), seq_len=seq_len,
         n_tokens=n_tok, batch_size=batch_size, config=dict(n_layers=n_layers_of(config)),

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..config import _int
 from ..errors import DriftError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json",
@@ -96,8 +97,8 @@ def first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {msg.splitlines()[0]}" if msg else type(e).__name__
 
 
-MAX_TEXT_BYTES = 256 << 20
-"""The most a text file may hold (256 MiB; CPython's documentation is about 1 MB): past it, a
+MAX_TEXT_BYTES = 1 << 30
+"""The most a text file may hold (1 GiB; CPython's documentation is about 1 MB): past it, a
 device like /dev/zero or a wrong file, not text to read whole."""
 
 
@@ -157,20 +158,18 @@ def reading(folder: Path, model: str, config: dict, text, tokens: str, n_seq: in
             seed: int) -> tuple[list[list[int]], int, str]:
     """What the model reads: ``(sequences, padding id, a line saying what they are)``."""
     if tokens == "random":
-        from ..config import _int
-
         vocab = _int(config, "vocab_size")
         return (random_tokens(vocab, n_seq, seq_len, seed), 0,
                 f"random token ids, uniform over the vocabulary 0..{vocab - 1} (not text)")
     tok = tokenizer_of(folder, model)
     seqs = token_sequences(tok, default_text() if text is None else read_text(text), n_seq, seq_len, seed)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    from ..config import _int
-
-    vocab = _int(config, "vocab_size")
+    vocab = _int(config, "vocab_size", default=0)  # 0: not given, nothing to check against
     top = max((max(s) for s in seqs if s), default=-1)
-    if top >= vocab or pad >= vocab:
-        raise DriftError(f"{model}: its tokenizer gives token id {max(top, pad)}, but the model has {vocab} "
+    if len({len(s) for s in seqs}) > 1:  # some sequence is padded
+        top = max(top, pad)
+    if vocab and top >= vocab:
+        raise DriftError(f"{model}: its tokenizer gives token id {top}, but the model has {vocab} "
                          "(vocab_size): the tokenizer is not the model's")
     source = (f"text file {Path(text).resolve()}" if text is not None else
               "pydoc_data.topics (CPython's documentation topics, English prose), sorted keys")

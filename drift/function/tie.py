@@ -318,7 +318,8 @@ def tie(model: str, family: str | Iterable[str] = "all", layers: Iterable[int] |
     finally:
         bar.close()
     return _result(damage, fams, carried, causal, dict(
-        model=str(model), architecture=spec.name, method=m.name, space="tie", reference=reference,
+        model=str(model), identity=reader.ckpt.identity(), architecture=spec.name, method=m.name, space="tie",
+        reference=reference,
         layers=layers, families=fams, seed=seed, dtype=str(tdtype).replace("torch.", ""), device=str(dev),
         drift_version=__version__, tokens=tokens, text=source, n_seq=len(seqs), seq_len=seq_len,
         n_tokens=int(sum(int(mask.sum()) for _, mask in batches)), batch_size=batch_size,

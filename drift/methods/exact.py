@@ -21,7 +21,8 @@ import torch
 
 from ..align import balance_gl, fro, polar
 from ..assign import BlockCost, lap, match_heads
-from ..canonical import CanonicalLayer, rope_pair_index
+from ..canonical import CanonicalLayer, activation_group_known, rope_pair_index
+from ..errors import UnsupportedArchitectureError
 from ..memory import release_memory
 from .circuits import _circuit_residuals, _ov_cost, _qk_form_cost
 from .form import (EPS, Form, Tensor, _aug, _cinner, _complex_pairs, _from_complex, _group_stack,
@@ -72,6 +73,16 @@ def _fold(layer: CanonicalLayer, consume: bool = False) -> dict[str, Tensor | No
                 U=_aug(U, bU), O=O, D=D)
 
 
+def not_exact(s) -> str | None:
+    """Why the exact method cannot take layers of symmetry ``s`` (a LayerSymmetry), or None:
+    an MLP activation whose symmetry group gauge-spec §2.4 does not derive."""
+    if activation_group_known(s.activation):
+        return None
+    return (f"{s.arch}: activation {s.activation!r} is not supported by the exact method: its symmetry groups are "
+            "derived for silu and gelu; another activation can have more (ReLU: a positive scale per unit) that "
+            "it would not remove (method 'raw' or 'rotation' still runs)")
+
+
 def exact_form(layer: CanonicalLayer, consume: bool = False) -> Form:
     """Per-layer canonical representative under the exact group, up to the compact part.
 
@@ -79,6 +90,9 @@ def exact_form(layer: CanonicalLayer, consume: bool = False) -> Form:
     are folded (the layer is left with ``None`` in their place), so that making a form needs
     about one layer of memory instead of two."""
     s = layer.sym
+    why = not_exact(s)
+    if why:
+        raise UnsupportedArchitectureError(why)
     r, rd = s.group_size, s.rotary_dims
     W_down = layer.W_down
     f = _fold(layer, consume)

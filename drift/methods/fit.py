@@ -40,7 +40,8 @@ from .. import gauge
 from ..align import gl_balancer
 from ..assign import lap
 from ..canonical import CanonicalLayer, LayerSymmetry
-from .exact import ExactComparison, _fold
+from ..errors import UnsupportedArchitectureError
+from .exact import ExactComparison, _fold, not_exact
 from .form import EPS, Form, _complex_pairs, _group_stack, _norm_gains, _unit, pair_gain_trade, qk_pair_scale
 
 Tensor = torch.Tensor
@@ -48,9 +49,9 @@ Transform = Callable[[CanonicalLayer], CanonicalLayer]
 
 
 def unsupported(sym: LayerSymmetry) -> str | None:
-    """Why ``fit`` cannot build the applicable element for layers of ``sym``, or None.
-    Every architecture of the registry is covered today; kept as the one place to say so."""
-    return None
+    """Why ``fit`` cannot build the applicable element for layers of ``sym``, or None: every
+    architecture of the registry is covered, but not every MLP activation (:func:`not_exact`)."""
+    return not_exact(sym)
 
 
 @dataclass
@@ -259,6 +260,9 @@ def _balanced_form(C: CanonicalLayer) -> Form:
 
 def fit(layer_a: CanonicalLayer, layer_b: CanonicalLayer) -> ExactAlignment:
     """The exact method's alignment of layer A onto layer B, fitted in float64."""
+    why = unsupported(layer_a.sym)
+    if why:
+        raise UnsupportedArchitectureError(why)
     (ca, A), (cb, B) = Canonicaliser.made(layer_a), Canonicaliser.made(layer_b)
     c = ExactComparison(_balanced_form(A), _balanced_form(B))
     sigma = lap(c.assignment, maximize=True)

@@ -129,35 +129,46 @@ def _check_result(result: Any, what: str) -> None:
                         f"drift.function.activation_similarity), got {type(result).__name__}")
 
 
-def _checkpoint_of(meta: dict) -> str:
-    """Which checkpoint a result's ``meta`` names: its folder where that is known here
-    (:func:`drift.output.model_folder_of`), else the name as given (a result read on another
-    machine)."""
-    from ..output import model_folder_of
-
-    folder = model_folder_of(meta)
-    return str(meta.get("model")) if folder is None else str(folder)
+def _weights_of(meta: dict) -> tuple[str, tuple[str, ...]] | None:
+    """(folder, the weight files with their sizes) from a result's ``identity``, or None."""
+    identity = meta.get("identity")
+    if not isinstance(identity, str) or not identity:
+        return None
+    folder, *files = identity.split("|")
+    return folder, tuple(sorted(":".join(f.split(":")[:2]) for f in files))
 
 
 def _check_same_model(results: dict[str, AnalysisResult], what: str) -> None:
-    """Results drawn together must be of one model (and, for two-model results, the same
-    other one): their rows are paired or set side by side by family and layer only."""
-    def model(r: AnalysisResult) -> tuple[str, str | None]:
+    """Results drawn together must be of one model (and, for two-model results, the same other
+    one): their rows are paired or set side by side by family and layer only. Refused when
+    their checkpoints are certainly different (other folders, other weight files or sizes);
+    when only the names or folders differ (the same files read elsewhere, a result without an
+    identity), a warning says so."""
+    import warnings
+
+    def models(r: AnalysisResult) -> list[dict]:
         other = r.meta.get("other")
-        return _checkpoint_of(r.meta), None if other is None else _checkpoint_of(
-            other if isinstance(other, dict) else {"model": other})
+        return [r.meta] + ([other if isinstance(other, dict) else {"model": other}] if other is not None else [])
 
-    seen = {label: model(r) for label, r in results.items()}
-    if len(set(seen.values())) > 1:
-        names = ", ".join(f"{label}: {r.meta.get('model')!r}" + (f" vs {_other_name(r)!r}" if r.meta.get("other") else "")
-                          for label, r in results.items())
-        raise PlotArgumentError(f"{what}: the results are of different models ({names}); their rows would be "
-                                "paired by family and layer alone")
-
-
-def _other_name(r: AnalysisResult) -> str:
-    other = r.meta.get("other")
-    return str(other.get("model") if isinstance(other, dict) else other)
+    labels = list(results)
+    first = models(results[labels[0]])
+    for label in labels[1:]:
+        these = models(results[label])
+        if len(these) != len(first):
+            raise PlotArgumentError(f"{what}: {labels[0]} and {label} compare {len(first)} and {len(these)} models")
+        for a, b in zip(first, these):
+            wa, wb = _weights_of(a), _weights_of(b)
+            if wa is not None and wb is not None and wa != wb:
+                if wa[1] != wb[1]:
+                    raise PlotArgumentError(
+                        f"{what}: the results are of different models ({labels[0]}: {a.get('model')!r} in {wa[0]}, "
+                        f"{label}: {b.get('model')!r} in {wb[0]}: other weight files); their rows would be "
+                        "paired by family and layer alone")
+                warnings.warn(f"{what}: {labels[0]} and {label} were computed from checkpoints in {wa[0]} and "
+                              f"{wb[0]} (the same weight files and sizes): make sure they are one model", stacklevel=3)
+            elif (wa is None or wb is None) and str(a.get("model")) != str(b.get("model")):
+                warnings.warn(f"{what}: {labels[0]} names the model {a.get('model')!r} and {label} "
+                              f"{b.get('model')!r}: make sure they are one model", stacklevel=3)
 
 
 def _method(result: AnalysisResult) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +30,7 @@ def save(fig_or_ax: Any, path: str | Path, dpi: int = 150) -> Path:
     if fmt not in SAVE_FORMATS:
         raise PlotArgumentError(f"{path}: cannot save as {path.suffix or 'no suffix'!r}; "
                          f"use one of {', '.join('.' + f for f in SAVE_FORMATS)}")
-    if isinstance(dpi, bool) or not isinstance(dpi, (int, float)) or not dpi > 0:
+    if dpi != "figure" and (isinstance(dpi, bool) or not isinstance(dpi, numbers.Real) or not dpi > 0):
         raise PlotArgumentError(f"dpi must be a positive number, not {dpi!r}")
     fig = _figure_of(fig_or_ax)
     try:
@@ -46,21 +47,13 @@ def export_csv(result: AnalysisResult, path: str | Path, force: bool = False) ->
     """The data behind every figure: the result's tidy table, one row per (family, pair),
     with ``model``, ``method`` and ``pairs`` columns so the file says what it holds. Parent
     folders are created; written atomically. Refused (an :class:`~drift.output.OutputError`):
-    inside the model's folder, a folder, a device or pipe, or an existing file that is not a
-    table drift exported (``force=True`` replaces that)."""
-    from ..output import OutputError, check_output, is_drift_csv, model_folder_of, write_atomic
+    a folder, a device or pipe, and unless ``force=True``, an existing file that is not a
+    table drift exported or a path inside a model's folder."""
+    from ..output import check_result_output, is_drift_csv, write_atomic
 
     _check_result(result, "export_csv")
-    folder = model_folder_of(result.meta)
-    try:
-        p = Path(path).expanduser()
-        inside = folder is not None and (p.resolve() == folder or folder.resolve() in p.resolve().parents)
-        if not inside:
-            p.parent.mkdir(parents=True, exist_ok=True)
-    except (OSError, RuntimeError) as e:
-        raise OutputError(f"export_csv: cannot make the folder of {path} ({getattr(e, 'strerror', None) or e})") from None
-    p = check_output(p, folder, force, label="export_csv:", force_hint="pass force=True to replace it",
-                     ours=is_drift_csv, what="a table drift exported")
+    p = check_result_output(path, result.meta, force, "export_csv:", ours=is_drift_csv,
+                            what="a table drift exported", make_folder=True)
     df = result.df.copy()
     for key in ("model", "method", "pairs"):
         df[key] = result.meta.get(key)
