@@ -26,7 +26,11 @@ class _Parser(argparse.ArgumentParser):
     """argparse, with its errors as one ``drift:`` line (exit status 2) instead of usage + message."""
 
     def error(self, message: str):
-        self.exit(2, f"drift: {message} (see {self.prog} --help)\n")
+        hint = ""
+        if message.endswith("expected one argument"):  # a value such as -1:2 reads as a flag
+            flag = message.split(":")[0].replace("argument ", "").split("/")[-1].strip()
+            hint = f" (if the value starts with '-', give it as {flag}=VALUE)"
+        self.exit(2, f"drift: {message}{hint} (see {self.prog} --help)\n")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -668,3 +668,8 @@ def test_python_arguments_of_the_wrong_kind_are_one_line(tmp_path):
         assert "\n" not in str(e.value)
     r = tie("tiny-qwen3", family="q_proj", reference=np.int64(0), layers=[0, 1, 2], **quick)
     assert r.meta["reference"] == 0 and type(r.meta["reference"]) is int
+
+
+def test_a_value_that_reads_as_a_flag_gets_a_hint(capsys):
+    rc, err = run_cli(["function", "--model", "minilm", "--layers", "-1:2"], capsys)
+    assert_one_line(rc, err, "--layers: expected one argument", "give it as --layers=VALUE")

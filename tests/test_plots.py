@@ -746,3 +746,14 @@ def test_a_result_written_from_python_keeps_the_cli_rules(tmp_path, cons):
     import matplotlib.pyplot as plt
 
     plt.close(fig)
+
+
+def test_an_empty_result_says_it_has_no_rows():
+    """Not "computed with n_null=0" (found by fuzzing)."""
+    from drift.errors import PlotArgumentError
+    from drift.result import COLUMNS
+
+    empty = AnalysisResult(pd.DataFrame(columns=COLUMNS), {"model": "x", "method": "exact"})
+    for draw in (lambda: plots.heatmap(empty, "q_proj"), lambda: plots.ranking(empty), lambda: plots.drift_along(empty)):
+        with pytest.raises(PlotArgumentError, match="no rows"):
+            draw()

@@ -114,6 +114,8 @@ SAVE_FORMATS = ("png", "svg", "pdf")
 def _check_value(value: str, result: AnalysisResult | None = None) -> None:
     if value not in VALUE_LABELS:
         raise PlotArgumentError(f"value must be one of {', '.join(VALUE_LABELS)}, got {value!r}")
+    if result is not None and result.df.empty:
+        raise PlotArgumentError("this result has no rows (no layer pair) to plot")
     if result is not None and value in ("rho", "null") and not result.df[value].notna().any():
         if space(result) == "activations":
             raise PlotArgumentError(f"activation measures have no null, so no {value!r} to plot (nothing is fitted "
