@@ -68,7 +68,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from .output import new_file
+from .output import expand, new_file
 from .result import COLUMNS, AnalysisResult
 
 log = logging.getLogger(__name__)
@@ -107,16 +107,7 @@ TMP_GLOB = ".tmp-*.json"
 def default_dir() -> Path:
     """``$DRIFT_CACHE_DIR`` if set, else ``~/.cache/drift``."""
     env = os.environ.get("DRIFT_CACHE_DIR")
-    return _expand(env, "DRIFT_CACHE_DIR") if env else Path.home() / ".cache" / "drift"
-
-
-def _expand(path: str | Path, what: str) -> Path:
-    try:
-        return Path(path).expanduser()
-    except RuntimeError as e:  # ~user with no such user: not a folder to make under the working one
-        from .errors import DriftError
-
-        raise DriftError(f"{what} {path}: cannot expand ~ ({e})") from None
+    return expand(env, "DRIFT_CACHE_DIR") if env else Path.home() / ".cache" / "drift"
 
 
 def _jsonable(v: Any) -> Any:
@@ -264,7 +255,7 @@ class Cache:
             from .errors import DriftError
 
             raise DriftError(f"cache must be a Cache or a folder for one, not {directory!r}")
-        self.directory = _expand(directory, "cache folder") if directory is not None else default_dir()
+        self.directory = expand(directory, "cache folder") if directory is not None else default_dir()
         self._analyze = analyze
         self.namespace = namespace
         self.hits = 0

@@ -336,3 +336,12 @@ class Checkpoint:
             st = (self.folder / fname).stat()
             parts.append(f"{fname}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}:{st.st_ctime_ns}")
         return "|".join(parts)
+
+
+def identity_files(identity) -> tuple[str, tuple[str, ...]] | None:
+    """(folder, the weight files as ``name:size``, sorted) from :meth:`Checkpoint.identity`'s
+    string, or None for anything else: what stays the same when the files are copied."""
+    if not isinstance(identity, str) or not identity:
+        return None
+    folder, *files = identity.split("|")
+    return folder, tuple(sorted(":".join(f.split(":")[:2]) for f in files))

@@ -140,15 +140,13 @@ def analyze_command(args: argparse.Namespace) -> int:
             raise DriftError(f"{flag} {v} is out of range: the model has {n} layers (0..{n - 1})")
     if end < start:
         raise DriftError(f"--block-end {end} is before --block-start {start}")
-    folder = reader.ckpt.folder
+    folders = [reader.ckpt.folder] + ([other.ckpt.folder] if other is not None else [])  # nor inside either
     if args.out:
-        out = check_output(args.out, folder, args.force)
+        out = check_output(args.out, folders, args.force)
     else:
         vs = f"_vs_{Path(args.other).name or 'other'}" if other is not None else ""
         out = check_output(free_name(Path(f"drift_{Path(args.model).name or 'model'}{vs}_{args.method}.json")),
-                           folder, label="the default --out")
-    if other is not None:
-        check_output(out, other.ckpt.folder, True)  # nor inside the other model's folder
+                           folders, label="the default --out")
     if args.scheduler is not None:  # the workers open the checkpoints themselves, by name
         for r in (reader, other):
             if r is not None:

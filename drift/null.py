@@ -13,6 +13,7 @@ import operator
 import threading
 from collections import OrderedDict
 
+import numpy as np
 import torch
 
 from .align import random_orthogonal
@@ -25,7 +26,7 @@ SEED_LIMIT = 2 ** 53
 def check_seed(seed) -> int:
     """``seed`` as an int in [0, SEED_LIMIT), or a DriftError naming it."""
     try:
-        if isinstance(seed, bool) or type(seed).__name__ == "bool_":  # True is no seed (as for n_null)
+        if isinstance(seed, (bool, np.bool_)):  # True is no seed (as for n_null)
             raise TypeError
         seed = operator.index(seed)
     except TypeError:

@@ -13,6 +13,7 @@ import json
 import os
 import secrets
 from pathlib import Path
+from typing import Sequence
 
 from .errors import DriftError
 
@@ -45,7 +46,15 @@ def is_drift_csv(path: Path) -> bool:
         return False
 
 
-def check_output(path: str | Path, model_folder: Path | list[Path] | None = None, force: bool = False,
+def expand(path: str | Path, label: str) -> Path:
+    """``Path(path).expanduser()``, or an OutputError naming ``label`` when ``~user`` names no user."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError as e:
+        raise OutputError(f"{label} {path}: cannot expand ~ ({e})") from None
+
+
+def check_output(path: str | Path, model_folders: Sequence[Path] = (), force: bool = False,
                  label: str = "--out", force_hint: str = "pass --force to replace it",
                  ours=is_drift_result, what: str = "a drift result", make_folder: bool = False) -> Path:
     """``path``, made absolute, if a result may be written there; else an OutputError
@@ -53,17 +62,14 @@ def check_output(path: str | Path, model_folder: Path | list[Path] | None = None
     how the caller names the path and the override (the CLI's ``--out``, ``--force``);
     ``ours(path)``: is an existing file one drift wrote, ``what``: such a file, named;
     ``make_folder``: create a missing folder (once the name and the model folder are checked)."""
-    try:
-        p = Path(path).expanduser()
-    except RuntimeError as e:  # ~user that does not exist
-        raise OutputError(f"{label} {path}: cannot expand ~ ({e})") from None
+    p = expand(path, label)
     if p.name in ("", ".", "..") or str(path).endswith(("/", os.sep)):
         raise OutputError(f"{label} {path}: not a file name")
     try:
         p = p.resolve()
     except (OSError, RuntimeError) as e:
         raise OutputError(f"{label} {path}: cannot resolve ({e.strerror or e})") from None
-    for model in ([] if model_folder is None else model_folder if isinstance(model_folder, list) else [model_folder]):
+    for model in model_folders:
         model = Path(model).resolve()
         if p == model or model in p.parents:
             raise OutputError(f"{label} {p} is inside the model folder {model}; write the result elsewhere")
@@ -90,11 +96,15 @@ def check_output(path: str | Path, model_folder: Path | list[Path] | None = None
     return p
 
 
+def model_metas(meta: dict) -> list[dict]:
+    """A result's ``meta`` and, for two models, the other's (``meta["other"]``, a dict)."""
+    other = meta.get("other")
+    return [meta] + ([other if isinstance(other, dict) else {"model": other}] if other is not None else [])
+
+
 def model_folders_of(meta: dict) -> list[Path]:
     """The checkpoint folders of a result known here: its model's and, for two models, the other's."""
-    other = meta.get("other")
-    metas = [meta] + ([other if isinstance(other, dict) else {"model": other}] if other is not None else [])
-    return [f for f in map(model_folder_of, metas) if f is not None]
+    return [f for f in map(model_folder_of, model_metas(meta)) if f is not None]
 
 
 def check_result_output(path, meta: dict, force: bool, label: str, **kw) -> Path:
@@ -108,11 +118,12 @@ def model_folder_of(meta: dict) -> Path | None:
     """The checkpoint folder a result's ``meta`` names, where it is known here: a weight
     result's ``identity`` begins with it; else its ``model`` resolved (None when it cannot be,
     e.g. a result read on another machine)."""
-    identity = meta.get("identity")
-    if isinstance(identity, str) and identity:
-        return Path(identity.split("|", 1)[0])
+    from .checkpoint import identity_files, resolve_model
+
+    parsed = identity_files(meta.get("identity"))
+    if parsed is not None:
+        return Path(parsed[0])
     try:
-        from .checkpoint import resolve_model
 
         return resolve_model(str(meta.get("model"))).resolve()
     except Exception:  # noqa: BLE001 - not a checkpoint this machine has

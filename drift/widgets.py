@@ -37,7 +37,6 @@ ipywidgets and matplotlib are imported by :mod:`drift.explorer_view`, on use, ne
 from __future__ import annotations
 
 import logging
-import numbers
 import operator
 import time
 from pathlib import Path
@@ -51,6 +50,7 @@ from .explorer_view import (INTERRUPTED, SPACES, FigureMemory, available_models,
                             error_html, figures_html, progress_bar, reset_bar, running_line, setting_tag,
                             setting_words, status_html)
 from .interrupt import interruptible
+from .plots._common import _as_list, check_dpi
 from .methods import METHODS as _REGISTRY
 from .result import AnalysisResult
 
@@ -119,8 +119,10 @@ class Explorer:
         self.activation_cache = activation_cache or Cache(self.cache.directory, namespace="activations")
         if "text" in (activation_kwargs or {}):
             raise ExplorerArgumentError("the explorer reads the default text; run activation_similarity for another")
-        if isinstance(dpi, bool) or not isinstance(dpi, numbers.Real) or not dpi > 0:
-            raise ExplorerArgumentError(f"dpi must be a positive number, not {dpi!r}")
+        try:
+            check_dpi(dpi)
+        except DriftError as e:
+            raise ExplorerArgumentError(str(e)) from None
         self.activation_kwargs = dict(activation_kwargs or {})
         self.progress = progress
         self.auto = auto
@@ -481,11 +483,9 @@ def _choice(v: str, allowed: Sequence[str], what: str) -> str:
 
 
 def _family_list(families) -> list[str]:
-    """Families given in code: one name or several."""
-    if isinstance(families, str):
-        return [families]
+    """Families given in code: one name or several (as the plots take them, :func:`_as_list`)."""
     try:
-        out = list(families)
+        out = _as_list(families)
     except TypeError:
         out = None
     if out is None or not all(isinstance(f, str) for f in out):

@@ -118,9 +118,9 @@ def command(args: argparse.Namespace) -> int:
     find_arch(config)  # an unsupported architecture is named before its layer count is looked for
     layers = parse_layers(args.layers, n_layers_of(config))
     if args.out:
-        out = check_output(args.out, folder, args.force)
+        out = check_output(args.out, [folder], args.force)
     else:
-        out = check_output(free_name(Path(f"drift_{Path(args.model).name or 'model'}_function.json")), folder,
+        out = check_output(free_name(Path(f"drift_{Path(args.model).name or 'model'}_function.json")), [folder],
                            label="the default --out")
     result = activation_similarity(args.model, layers=layers, pairs=args.pairs, text=args.text,
                                    tokens=args.tokens, n_seq=args.n_seq, seq_len=args.seq_len, seed=args.seed,
@@ -193,10 +193,10 @@ def tie_command(args: argparse.Namespace) -> int:
             raise DriftError(f"--reference must be 'previous' or a layer number, not {reference!r}") from None
     family = args.family if args.family == "all" else [f.strip() for f in args.family.split(",") if f.strip()]
     if args.out:
-        out = check_output(args.out, folder, args.force)
+        out = check_output(args.out, [folder], args.force)
     else:
         name = f"drift_{Path(args.model).name or 'model'}_tie_{args.method}.json"
-        out = check_output(free_name(Path(name)), folder, label="the default --out")
+        out = check_output(free_name(Path(name)), [folder], label="the default --out")
     result = tie(args.model, family=family, layers=layers, method=args.method, reference=reference,
                  text=args.text, tokens=args.tokens, n_seq=args.n_seq, seq_len=args.seq_len,
                  seed=args.seed, dtype=args.dtype, device=args.device, progress=not args.quiet)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -131,15 +132,6 @@ def _check_result(result: Any, what: str) -> None:
                         f"drift.function.activation_similarity), got {type(result).__name__}")
 
 
-def _weights_of(meta: dict) -> tuple[str, tuple[str, ...]] | None:
-    """(folder, the weight files with their sizes) from a result's ``identity``, or None."""
-    identity = meta.get("identity")
-    if not isinstance(identity, str) or not identity:
-        return None
-    folder, *files = identity.split("|")
-    return folder, tuple(sorted(":".join(f.split(":")[:2]) for f in files))
-
-
 def _check_same_model(results: dict[str, AnalysisResult], what: str) -> None:
     """Results drawn together must be of one model (and, for two-model results, the same other
     one): their rows are paired or set side by side by family and layer only. Refused when
@@ -148,18 +140,17 @@ def _check_same_model(results: dict[str, AnalysisResult], what: str) -> None:
     identity), a warning says so."""
     import warnings
 
-    def models(r: AnalysisResult) -> list[dict]:
-        other = r.meta.get("other")
-        return [r.meta] + ([other if isinstance(other, dict) else {"model": other}] if other is not None else [])
+    from ..checkpoint import identity_files
+    from ..output import model_metas
 
     labels = list(results)
-    first = models(results[labels[0]])
+    first = model_metas(results[labels[0]].meta)
     for label in labels[1:]:
-        these = models(results[label])
+        these = model_metas(results[label].meta)
         if len(these) != len(first):
             raise PlotArgumentError(f"{what}: {labels[0]} and {label} compare {len(first)} and {len(these)} models")
         for a, b in zip(first, these):
-            wa, wb = _weights_of(a), _weights_of(b)
+            wa, wb = identity_files(a.get("identity")), identity_files(b.get("identity"))
             if wa is not None and wb is not None and wa != wb:
                 if wa[1] != wb[1]:
                     raise PlotArgumentError(
@@ -227,6 +218,14 @@ def _context(result: AnalysisResult, pairs: str | None = None) -> str:
 def _title(what: str, result: AnalysisResult, pairs: str | None = None) -> str:
     ctx = _context(result, pairs)
     return f"{what}\nmethod: {_method(result)}" + (f" — {ctx}" if ctx else "")
+
+
+def check_dpi(dpi, figure: bool = False) -> None:
+    """A figure resolution: a positive number (or matplotlib's ``"figure"``, where allowed)."""
+    if figure and isinstance(dpi, str) and dpi == "figure":
+        return
+    if isinstance(dpi, bool) or not isinstance(dpi, numbers.Real) or not dpi > 0:
+        raise PlotArgumentError(f"dpi must be a positive number, not {dpi!r}")
 
 
 def _as_list(families: str | Sequence[str] | None) -> list[str] | None:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import numbers
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 
 from ..errors import PlotArgumentError
 from ..result import AnalysisResult
-from ._common import SAVE_FORMATS, _check_result, _figure_of
+from ._common import SAVE_FORMATS, _check_result, _figure_of, check_dpi
 
 if TYPE_CHECKING:  # pragma: no cover
     pass
@@ -30,8 +29,7 @@ def save(fig_or_ax: Any, path: str | Path, dpi: int = 150) -> Path:
     if fmt not in SAVE_FORMATS:
         raise PlotArgumentError(f"{path}: cannot save as {path.suffix or 'no suffix'!r}; "
                          f"use one of {', '.join('.' + f for f in SAVE_FORMATS)}")
-    if dpi != "figure" and (isinstance(dpi, bool) or not isinstance(dpi, numbers.Real) or not dpi > 0):
-        raise PlotArgumentError(f"dpi must be a positive number, not {dpi!r}")
+    check_dpi(dpi, figure=True)
     fig = _figure_of(fig_or_ax)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
